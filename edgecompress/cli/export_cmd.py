@@ -1,0 +1,64 @@
+"""``edgecompress export``: (factorize,) export to ONNX, simplify, check parity, write a report."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from edgecompress import io
+from edgecompress.cli._options import console, err_console, fmt_bytes, fmt_int, model_options
+from edgecompress.cli.factorize_options import factorize_config_from, factorize_options
+from edgecompress.export import ExportConfig, export
+
+DEFAULT_MODEL = "cifar_conv"
+
+
+@click.command("export")
+@click.argument("model", required=False, default=None)
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@model_options
+@factorize_options
+@click.option("--opset", default=17, show_default=True, help="ONNX opset.")
+@click.option("--dynamic-batch", is_flag=True, help="Make the batch dimension dynamic.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--tolerance", default=1e-4, show_default=True, help="Largest |ONNX - PyTorch| accepted.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
+def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch, no_simplify, tolerance, report_path, **fopts):
+    """Export MODEL to ONNX, checked against PyTorch.
+
+    MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory;
+    default: the bundled default model. With --method the supported layers are factorized first.
+    """
+    model = model or DEFAULT_MODEL
+    config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, tolerance=tolerance)
+    fconfig = factorize_config_from(**fopts)
+    if report_path:
+        io.ensure_writable(report_path)
+    with err_console.status("loading") as status:
+        report = export(model, out, config, fconfig, weights, input_shape, input_dtype,
+                        stage=lambda s: status.update(s))
+    if report_path:
+        io.write_json(report_path, report)
+    _print_summary(report)
+
+
+def _print_summary(report: dict) -> None:
+    totals, onnx_info, parity = report["totals"], report["onnx"], report["parity"]
+    table = Table(title=f"{report['model']} -> {onnx_info['path']}", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("input", "x".join(map(str, report["input_shape"])))
+    if "method" in report:
+        table.add_row("method", report["method"])
+        table.add_row("factorized layers", f"{totals['factorized_layers']} (dense: {totals['dense_layers']})")
+        table.add_row("params", f"{fmt_int(totals['params_dense'])} -> {fmt_int(totals['params'])}"
+                      f" ({totals['params_dense'] / totals['params']:.2f}x)")
+        table.add_row("MACs", f"{fmt_int(totals['macs_dense'])} -> {fmt_int(totals['macs'])}")
+        table.add_row("error vs dense (rel)", f"{report['error_vs_dense']['rel_error']:.3g}")
+    else:
+        table.add_row("params", fmt_int(totals["params"]))
+        table.add_row("MACs", fmt_int(totals["macs"]))
+    table.add_row("ONNX size", fmt_bytes(onnx_info["bytes"]))
+    table.add_row("nodes", f"{onnx_info['nodes']} ({', '.join(f'{k} {v}' for k, v in onnx_info['op_counts'].items())})")
+    table.add_row("parity max |diff|", f"{parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:g})")
+    console.print(table)

@@ -1,0 +1,49 @@
+"""Factorization options shared by ``export``, ``plan`` and ``run``."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from edgecompress.errors import ConfigError
+
+
+def factorize_options(func):
+    """--method, --rank/--ratio/--energy, --rank-multiple, --include/--exclude, --config."""
+
+    @click.option("--method", default=None, metavar="METHOD",
+                  help="Factorization method: svd, svd-spatial, tucker, cp, tt, tt-naive. Default: none (dense export).")
+    @click.option("--rank", type=int, default=None, help="Rank (the largest TT-rank for tt) for every layer.")
+    @click.option("--ratio", type=float, default=None, help="Parameter compression per layer, above 1 (default 2).")
+    @click.option("--energy", type=float, default=None, help="Fraction of singular-value energy kept per mode, in (0, 1].")
+    @click.option("--rank-multiple", type=int, default=None, help="Round ranks to a multiple of this (default 8).")
+    @click.option("--include", multiple=True, metavar="PATTERN", help="Only layers whose path matches (repeatable).")
+    @click.option("--exclude", multiple=True, metavar="PATTERN", help="Skip layers whose path matches (repeatable).")
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                  help="JSON/TOML file with defaults and per-layer overrides.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def factorize_config_from(method, rank, ratio, energy, rank_multiple, include, exclude, config_file):
+    """A FactorizeConfig from the options, or None when nothing asks for factorization."""
+    from edgecompress.factorize import FactorizeConfig, read_config_file
+
+    fields = read_config_file(config_file) if config_file else {}
+    if method is None and "method" not in fields:
+        if any(v is not None for v in (rank, ratio, energy)) or include or exclude:
+            raise ConfigError("--rank/--ratio/--energy/--include/--exclude need --method (svd, tucker, cp, tt, ...)")
+        return None
+    if sum(v is not None for v in (rank, ratio, energy)):
+        fields.update(rank=None, ratio=None, energy=None)
+    explicit = {"method": method, "rank": rank, "ratio": ratio, "energy": energy, "rank_multiple": rank_multiple}
+    fields.update({k: v for k, v in explicit.items() if v is not None})
+    if include:
+        fields["include"] = tuple(include)
+    if exclude:
+        fields["exclude"] = tuple(exclude)
+    return FactorizeConfig(**fields)

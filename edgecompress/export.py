@@ -1,0 +1,112 @@
+"""The export stage as one call: (factorize) -> torch.onnx -> onnxsim -> checker -> parity -> file.
+
+``export(model, out, ...)`` is what ``edgecompress export`` runs. The file is written atomically and
+only when parity holds, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from edgecompress import exporters, io
+from edgecompress.errors import ConfigError, ParityError
+from edgecompress.loading import InputSpec, LoadedModel, load_model, sample_inputs
+from edgecompress.stats import count_macs, count_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+    dynamic_batch: bool = False
+    simplify: bool = True
+    tolerance: float = 1e-4
+    parity_samples: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 11 <= self.opset <= 21:
+            raise ConfigError(f"opset {self.opset} is not supported: use 11 to 21 (default 17)")
+        if not self.tolerance > 0:
+            raise ConfigError(f"tolerance must be positive, got {self.tolerance}")
+        if self.parity_samples < 1:
+            raise ConfigError(f"parity samples must be at least 1, got {self.parity_samples}")
+
+
+def export(
+    model: str | LoadedModel,
+    out: str | Path,
+    config: ExportConfig = ExportConfig(),
+    factorize_config=None,
+    weights: str | Path | None = None,
+    input_shape: str | tuple[int, ...] | None = None,
+    input_dtype: str | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Load (if a name), fold BatchNorm, factorize (if a FactorizeConfig is given), export, check
+    parity and write ``out``; return the report dict (also what ``--report`` writes)."""
+    stage = stage or (lambda _: None)
+    io.ensure_writable(out)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, input_shape, input_dtype)
+    dense = loaded.module.eval()
+    exporters.fold_batchnorm_(dense)
+    samples = [[x] for x in sample_inputs(dense, loaded.input_spec, config.parity_samples, config.seed)]
+    macs, _ = count_macs(dense, samples[0])
+    report: dict[str, Any] = {"model": loaded.name, "input_shape": list(loaded.input_spec.shape),
+                              "input_dtype": loaded.input_spec.dtype}
+    target, totals = dense, {"params": count_params(dense), "macs": macs}
+    if factorize_config is not None:
+        from edgecompress.factorize import factorize
+
+        stage("factorize")
+        target, frep = factorize(dense, factorize_config, samples[0])
+        report["method"] = factorize_config.method
+        report["layers"] = [r.to_dict() for r in frep.layers]
+        f_macs, _ = count_macs(target, samples[0])
+        totals = {**frep.totals(), "params": count_params(target), "macs": f_macs,
+                  "params_dense": totals["params"], "macs_dense": totals["macs"]}
+    report["totals"] = totals
+    stage("export")
+    result = export_module(target, loaded.input_spec, out, config, samples, stage)
+    report["onnx"] = result["onnx"]
+    report["parity"] = result["parity"]
+    if factorize_config is not None:
+        report["error_vs_dense"] = dataclasses.asdict(exporters.compare_models(target, dense, samples))
+    return report
+
+
+def export_module(module: nn.Module, spec: InputSpec, out: str | Path, config: ExportConfig = ExportConfig(),
+                  samples=None, stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export an in-memory module (already folded/factorized) with simplification and parity."""
+    stage = stage or (lambda _: None)
+    samples = samples or [[x] for x in sample_inputs(module, spec, config.parity_samples, config.seed)]
+    start = time.perf_counter()
+    proto = exporters.export_onnx(module, samples[0], config.opset, config.dynamic_batch)
+    simplified = False
+    if config.simplify:
+        stage("simplify")
+        proto, simplified = exporters.simplify(proto)
+    exporters.check_model(proto)
+    stage("parity")
+    parity = exporters.check_parity(proto, module, samples)
+    if not parity.within(config.tolerance):
+        raise ParityError(
+            f"ONNX output differs from PyTorch by {parity.max_abs_diff:.3g} (tolerance {config.tolerance:g}, "
+            f"relative {parity.rel_error:.3g}); nothing written. Try --no-simplify or another --opset"
+        )
+    data = proto.SerializeToString()
+    io.write_bytes(out, data)
+    return {
+        "onnx": {"path": str(out), "bytes": len(data), "opset": config.opset, "simplified": simplified,
+                 "nodes": len(proto.graph.node), "op_counts": exporters.op_counts(proto),
+                 "seconds": round(time.perf_counter() - start, 3)},
+        "parity": {**dataclasses.asdict(parity), "tolerance": config.tolerance},
+    }

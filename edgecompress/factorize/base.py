@@ -1,0 +1,58 @@
+"""What every factorized layer is and what the factorization of one layer records.
+
+A ``FactorizedLayer`` is an ``nn.Module`` whose forward is a short chain of standard ops
+(conv, matmul, reshape, transpose, add, gather), so that it exports to ONNX as small nodes.
+Its ``method`` names it in ONNX node names (``module.path/method/k``) and in reports, and
+``dense_weight()`` rebuilds the weight it stands for, in the original layer's layout, so that the
+reconstruction error can be measured and tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class FactorizedLayer(nn.Module):
+    """Base class of the factorized replacements; subclasses set ``method`` and implement both methods."""
+
+    method: str = ""
+
+    def dense_weight(self) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def ranks(self) -> list[int]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class SkipLayer(Exception):
+    """Raised by a method's decomposer when a layer stays dense; the message is the reason."""
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """One candidate layer: what it was, what was done, and what it cost before and after."""
+
+    name: str
+    type: str
+    method: str  # the method used, or "dense" when left as it was
+    ranks: list[int] = dataclasses.field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    rel_error: float | None = None
+    reason: str | None = None  # why it stayed dense
+    notes: list[str] = dataclasses.field(default_factory=list)  # warnings: clamped ranks, padding, ...
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # mode shapes, variant, timings
+    seconds: float = 0.0
+
+    @property
+    def compression(self) -> float:
+        return self.params_before / self.params_after if self.params_after else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,99 @@
+"""``FactorizeConfig``: which method, which ranks, which layers; validated on construction.
+
+Per-layer overrides come from a JSON or TOML file::
+
+    {"method": "tucker", "ratio": 4, "rank_multiple": 8,
+     "layers": {"layer4.*": {"ratio": 8}, "conv1": {"method": "dense"}, "fc": {"rank": 64}}}
+
+Top-level keys are the defaults (CLI options given explicitly win over them); ``layers`` maps
+fnmatch patterns on module paths to settings, the last matching pattern winning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from edgecompress.errors import ConfigError, LoadError
+from edgecompress.factorize.ranks import RankSpec
+
+_LAYER_KEYS = {"method", "rank", "ratio", "energy", "rank_multiple"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizeConfig:
+    method: str = "svd"
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    rank_multiple: int = 8
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def __post_init__(self):
+        from edgecompress.factorize.registry import check_method
+
+        check_method(self.method)
+        self.rank_spec()  # validates rank / ratio / energy / multiple
+        for pattern, settings in self.overrides:
+            unknown = set(settings) - _LAYER_KEYS
+            if unknown:
+                raise ConfigError(f"override {pattern!r}: unknown keys {sorted(unknown)}; allowed: {sorted(_LAYER_KEYS)}")
+            if settings.get("method", "dense") != "dense":
+                check_method(settings["method"])
+            self.for_layer(pattern)  # validates the merged spec
+
+    def rank_spec(self) -> RankSpec:
+        return RankSpec(self.rank, self.ratio, self.energy, self.rank_multiple)
+
+    def selects(self, name: str) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def for_layer(self, name: str) -> tuple[str, RankSpec]:
+        """(method, rank spec) for the layer at ``name``, overrides applied; method may be 'dense'."""
+        method, values = self.method, {"rank": self.rank, "ratio": self.ratio, "energy": self.energy}
+        multiple = self.rank_multiple
+        for pattern, settings in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                method = settings.get("method", method)
+                if {"rank", "ratio", "energy"} & set(settings):
+                    values = {k: settings.get(k) for k in ("rank", "ratio", "energy")}
+                multiple = settings.get("rank_multiple", multiple)
+        return method, RankSpec(values["rank"], values["ratio"], values["energy"], multiple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML factorization config file into a dict of FactorizeConfig fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"config file {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table/object at the top")
+    layers = data.pop("layers", {})
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ConfigError(f"config file {str(path)!r}: 'layers' must map patterns to tables of settings")
+    allowed = _LAYER_KEYS | {"include", "exclude"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"config file {str(path)!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'layers'})}")
+    if "include" in data:
+        data["include"] = tuple(data["include"])
+    if "exclude" in data:
+        data["exclude"] = tuple(data["exclude"])
+    data["overrides"] = tuple((pattern, dict(settings)) for pattern, settings in layers.items())
+    return data

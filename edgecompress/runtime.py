@@ -1,0 +1,118 @@
+"""onnxruntime sessions: provider short names, clear errors when one is missing, and session options.
+
+Every stage that runs an ONNX model (parity, quantization checks, bench) makes its session here,
+so provider handling and thread settings live in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgecompress.errors import ConfigError, LoadError, ProviderUnavailableError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+_INSTALL_HINT = {
+    "cuda": "install edgecompress[gpu] (onnxruntime-gpu, in place of onnxruntime) and a CUDA 12 runtime with cuDNN 9",
+    "tensorrt": "install edgecompress[gpu] and TensorRT",
+    "xnnpack": "use an onnxruntime build with XNNPACK (the Android/iOS packages have it)",
+    "nnapi": "NNAPI runs on Android devices: use `edgecompress mobile` to check coverage here",
+    "coreml": "CoreML runs on Apple devices: use `edgecompress mobile` to check coverage here",
+}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ProviderUnavailableError(
+            "onnxruntime is not installed: pip install 'edgecompress[cpu]' (or [gpu] for CUDA)"
+        ) from None
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Short names of the providers this onnxruntime build has (e.g. ['cpu'])."""
+    long_to_short = {v: k for k, v in PROVIDERS.items()}
+    return [long_to_short.get(p, p) for p in _ort().get_available_providers() if p != "AzureExecutionProvider"]
+
+
+def resolve_provider(name: str) -> str:
+    """'cuda' -> 'CUDAExecutionProvider', or a clear error naming what is installed and what to install."""
+    key = name.lower()
+    long_name = PROVIDERS.get(key, name)
+    if long_name not in PROVIDERS.values() and not name.endswith("ExecutionProvider"):
+        raise ConfigError(f"unknown provider {name!r}: use one of {', '.join(PROVIDERS)}")
+    if long_name not in _ort().get_available_providers():
+        hint = _INSTALL_HINT.get(key, "install an onnxruntime build that has it")
+        raise ProviderUnavailableError(
+            f"provider {name!r} is not available in this onnxruntime; available: "
+            f"{', '.join(available_providers())}; to get it: {hint}"
+        )
+    return long_name
+
+
+def session_options(threads: int | None = None, sequential: bool = True, spinning: bool = False, profile_prefix: str | None = None):
+    """Session options for timing: fixed intra-op threads, spin-waiting off by default so that
+    sessions interleaved in one process do not steal each other's cores (docs/measured.md)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return opts
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu", threads: int | None = None, **options):
+    """An InferenceSession on ``provider``; ``model`` is a path or an in-memory ModelProto."""
+    ort = _ort()
+    providers = [resolve_provider(provider)]
+    if providers[0] != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, session_options(threads, **options), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise LoadError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def run(session, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run ``session`` on inputs given by name or in order."""
+    if not isinstance(inputs, Mapping):
+        inputs = {i.name: np.asarray(x) for i, x in zip(session.get_inputs(), inputs)}
+    return session.run(None, dict(inputs))
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file, with a one-line error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"ONNX file {str(path)!r} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise LoadError(f"{str(path)!r} is not a valid ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not model.graph.node:
+        raise LoadError(f"{str(path)!r} is not a valid ONNX model: its graph has no nodes")
+    return model

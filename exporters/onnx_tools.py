@@ -1,0 +1,64 @@
+"""ONNX graph tools: onnxsim simplification, the full checker, op counts and allowed-op checks."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+
+import onnx
+
+from edgecompress.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+# What a factorized chain may contain (issues 3 and 4): small standard nodes every provider runs.
+CHAIN_OPS = frozenset(
+    {"Conv", "MatMul", "Gemm", "Add", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat",
+     "Gather", "Div", "Mod"}
+)
+
+
+def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """onnxsim's constant folding, shape inference and dead-node removal; the original comes back if it fails.
+
+    onnxsim's optimizer passes are off (``perform_optimization=False``): recent onnxsim fuses
+    attention into the ``com.microsoft::Attention`` contrib op and renames fused nodes, which would
+    make the graph unportable to mobile runtimes and lose our ``module/method/k`` node names.
+    onnxruntime applies its own fusions when it loads the model, per provider.
+    """
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model, perform_optimization=False)
+    except Exception as exc:  # onnxsim surfaces C++ errors as RuntimeError and others
+        log.warning("onnxsim failed, keeping the unsimplified graph: %s", str(exc).splitlines()[0])
+        return model, False
+    if not ok:
+        log.warning("onnxsim's check failed, keeping the unsimplified graph")
+        return model, False
+    return simplified, True
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker's full check (shape inference included), as an ExportError."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type the main graph has, sorted by name."""
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
+
+
+def nodes_under(model: onnx.ModelProto, prefix: str) -> list[onnx.NodeProto]:
+    """The nodes whose name starts with ``prefix`` + '/', e.g. a factorized layer's chain."""
+    return [n for n in model.graph.node if n.name.startswith(prefix + "/")]
+
+
+def foreign_ops(nodes: Iterable[onnx.NodeProto], allowed: Iterable[str] = CHAIN_OPS) -> set[str]:
+    """Op types (or custom domains) among ``nodes`` that are not in ``allowed``."""
+    allowed = set(allowed)
+    return {n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in nodes if n.op_type not in allowed or n.domain}
