@@ -118,15 +118,15 @@ def name_nodes(proto: onnx.ModelProto, model: nn.Module) -> None:
 
 
 def _module_path(node_name: str, paths: set[str]) -> str:
-    # TorchScript scope names look like "/layer1/layer1.0/conv1/Conv_3": each part is a module name,
-    # either already qualified from the root or relative to the enclosing module.
+    # TorchScript scope names look like "/layer2/layer2.0/downsample/downsample.0/Conv": each part is a
+    # module name qualified from the root or from some enclosing module; take the deepest that exists.
     current = ""
     for part in node_name.split("/")[1:-1]:
-        joined = f"{current}.{part}" if current else part
-        if joined in paths:
-            current = joined
-        elif part in paths and (not current or part.startswith(current + ".")):
-            current = part
+        for prefix in [*_ancestors(current), ""]:
+            candidate = f"{prefix}.{part}" if prefix else part
+            if candidate in paths:
+                current = candidate
+                break
     return current
 
 
