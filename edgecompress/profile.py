@@ -64,20 +64,39 @@ class ProfileResult:
 def profile(model: onnx.ModelProto, provider: str, threads: int, feeds: Mapping[str, np.ndarray],
             runs: int = 10) -> ProfileResult:
     """Run ``model`` ``runs`` times in a profiled session and attribute node time to layers."""
+    ort = runtime._ort()
     with tempfile.TemporaryDirectory(prefix="edgecompress-prof-") as tmp:
-        session = runtime.make_session(model, provider, threads, profile_prefix=os.path.join(tmp, "p"))
+        options = runtime.session_options(threads, profile_prefix=os.path.join(tmp, "p"))
+        # the optimized graph tells which layer an inserted node (layout reorder, copy) sits next to
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        chosen = runtime.resolve_provider(provider)
+        providers = [chosen] + ([] if chosen == "CPUExecutionProvider" else ["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        except Exception:  # some EPs cannot save their compiled graph: profile without it
+            options.optimized_model_filepath = ""
+            session = runtime.make_session(model, provider, threads, profile_prefix=os.path.join(tmp, "q"))
         for _ in range(runs + 1):  # the first run pays allocations; it is dropped below
             session.run(None, dict(feeds))
         events = json.loads(Path(session.end_profiling()).read_text())
-    return attribute(model, events, runtime.resolve_provider(provider), runs)
+        optimized = _load_optional(options.optimized_model_filepath)
+    return attribute(model, events, runtime.resolve_provider(provider), runs, optimized)
 
 
-def attribute(model: onnx.ModelProto, events: list[dict], provider: str, runs: int) -> ProfileResult:
+def _load_optional(path: str) -> onnx.ModelProto | None:
+    try:
+        return onnx.load(path, load_external_data=False) if path and Path(path).is_file() else None
+    except Exception:
+        return None
+
+
+def attribute(model: onnx.ModelProto, events: list[dict], provider: str, runs: int,
+              optimized: onnx.ModelProto | None = None) -> ProfileResult:
     """Turn profile ``events`` (the last ``runs`` model runs) into placement and per-layer times."""
     kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     cutoff = starts[-runs] if 0 < runs <= len(starts) else 0
-    resolver = _Resolver(model)
+    resolver = _Resolver(model, optimized)
     layers: dict[str, float] = defaultdict(float)
     unattributed: dict[str, float] = defaultdict(float)
     placement: dict[str, str] = {}
@@ -129,12 +148,25 @@ def _kind(name: str) -> str:
 class _Resolver:
     """Maps a profiled (possibly renamed) node back to a node of the original ONNX graph."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, optimized: onnx.ModelProto | None = None):
         self.by_name = {n.name: n for n in model.graph.node}
         self.producer = {out: n for n in model.graph.node for out in n.output}
         self.prefixes = sorted(self.by_name, key=len, reverse=True)
+        nodes = optimized.graph.node if optimized is not None else []
+        self.opt_by_name = {n.name: n for n in nodes}
+        self.opt_producer = {out: n for n in nodes for out in n.output}
+        self.opt_consumers: dict[str, list] = defaultdict(list)
+        for n in nodes:
+            for tensor in n.input:
+                self.opt_consumers[tensor].append(n)
 
-    def node_for(self, name: str, op_type: str) -> onnx.NodeProto | None:
+    def node_for(self, name: str, op_type: str, hops: int = 3) -> onnx.NodeProto | None:
+        node = self._direct(name, op_type)
+        if node is None and hops and name in self.opt_by_name:
+            node = self._neighbour(self.opt_by_name[name], hops)
+        return node
+
+    def _direct(self, name: str, op_type: str) -> onnx.NodeProto | None:
         name = name.removeprefix("fused ")
         name = re.sub(r"(_token_\d+)+$", "", name)
         node = self.by_name.get(name)
@@ -146,6 +178,18 @@ class _Resolver:
         if node is not None and op_type and not _same_op(node.op_type, op_type):
             node = self._fused_source(node, op_type) or node
         return node
+
+    def _neighbour(self, inserted: onnx.NodeProto, hops: int) -> onnx.NodeProto | None:
+        """An inserted node (ReorderOutput, Memcpy) belongs to the layer that produces its input,
+        else to the one that consumes its output (a ReorderInput before a layer)."""
+        producers = [self.opt_producer[t] for t in inserted.input[:1] if t in self.opt_producer]
+        consumers = [c for t in inserted.output for c in self.opt_consumers.get(t, [])]
+        order = consumers + producers if inserted.op_type.startswith("ReorderInput") else producers + consumers
+        for other in order:
+            node = self.node_for(other.name, other.op_type, hops - 1)
+            if node is not None and _layer_of(node.name) is not None:
+                return node
+        return None
 
     def _fused_source(self, node: onnx.NodeProto, op_type: str, depth: int = 4) -> onnx.NodeProto | None:
         """From a fused activation (Relu) back to the op it was fused into (Conv), breadth first."""
