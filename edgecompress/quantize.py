@@ -1,0 +1,352 @@
+"""The int8 stage: ``quantize(onnx_in, out, QuantizeConfig) -> report`` over ``onnxruntime.quantization``.
+
+Defaults per target, and why (docs/quantize.md has the measurements):
+- ``cpu`` with calibration data: static QDQ, signed int8 weights and activations, per-channel weights.
+  onnxruntime's CPU EP fuses QDQ around Conv/MatMul/Gemm into integer kernels (QLinearConv, QGemm);
+  per-channel keeps each filter's own range. Measured here: a Tucker-2 chain ran 8.4x faster than dense fp32.
+- ``cpu`` without calibration data: dynamic int8 (scales computed at run time) for MatMul/Gather only.
+  Conv is left fp32 because dynamic turns it into ConvInteger, measured 5.8x *slower* than fp32 on this
+  CPU (docs/measured.md); ``dynamic_conv=True`` forces it, with a warning. Gemm is rewritten as MatMul
+  (+ Add) first because dynamic quantization skips Gemm, which would leave Linears and SVD factors fp32.
+- ``cuda``: QDQ only, symmetric int8 activations and weights (what TensorRT and the CUDA EP's QDQ paths
+  take). Dynamic is refused: the CUDA EP has no DynamicQuantizeLinear/ConvInteger kernels, so such a
+  graph falls back to the CPU node by node. QOperator (QLinear* ops) is refused for the same reason.
+- ``mobile``: QDQ with constant scales, uint8 activations, symmetric int8 per-channel weights: the
+  combination NNAPI takes (uint8 tensors, per-channel symmetric int8 conv weights). Dynamic is refused:
+  run-time scales (DynamicQuantizeLinear) are not taken by NNAPI or XNNPACK.
+The input runs through ``quant_pre_process`` (shape inference; symbolic first, plain ONNX if that fails)
+but without its onnxruntime optimizer pass, which fuses MatMul+Add into Gemm and renames nodes
+(``.../MatMulAddFusion``), losing the ``module/method/k`` names that chains are recognised by.
+Factorized chains are balanced first (``edgecompress.equalize``); accuracy is measured on held-out samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgecompress import accuracy, calibration, equalize, io, qgraph, runtime
+from edgecompress.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODES = ("dynamic", "static")
+FORMATS = ("qdq", "qoperator")
+TARGETS = ("cpu", "cuda", "mobile")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+ZOO_METADATA_KEY = "edgecompress.model"
+_DYNAMIC_OPS = ("MatMul", "Gather", "Attention", "LSTM")
+_REFUSED = {
+    ("cuda", "dynamic"): "dynamic quantization has no CUDA kernels (no ConvInteger/DynamicQuantizeLinear on the "
+                         "CUDA execution provider): use static QDQ with --calib",
+    ("mobile", "dynamic"): "NNAPI and XNNPACK need constant scales; dynamic quantization computes them at run "
+                           "time (DynamicQuantizeLinear): use static QDQ with --calib",
+    ("cuda", "qoperator"): "QLinear* operators have no CUDA kernels: use --format qdq",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    mode: str | None = None  # None: the target's default (see the module docstring)
+    calib: str | None = None  # .npz or a folder of .npy
+    calib_samples: int = 16
+    eval_samples: int = 8
+    calib_method: str = "minmax"
+    per_channel: bool | None = None  # None: per-channel for static, per-tensor for dynamic
+    format: str = "qdq"
+    exclude: tuple[str, ...] = ()  # fnmatch patterns on node names
+    target: str = "cpu"
+    balance: bool | None = None  # None: on when the model has factorized chains
+    compare_balance: bool = True  # quantize with and without balancing to report both SQNRs
+    random_calib: bool = False
+    zoo_model: str | None = None
+    fp32_threshold: float | None = None  # leave layers whose local error is above it in fp32
+    dynamic_conv: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for field, value, allowed in (("mode", self.mode, MODES), ("format", self.format, FORMATS),
+                                      ("target", self.target, TARGETS), ("calib method", self.calib_method, CALIB_METHODS)):
+            if value is not None and value not in allowed:
+                raise ConfigError(f"unknown {field} {value!r}: use one of {', '.join(allowed)}")
+        for key in ((self.target, self.mode), (self.target, self.format)):
+            if key in _REFUSED:
+                raise ConfigError(f"--target {key[0]} with {key[1]} is refused: {_REFUSED[key]}")
+        if self.calib_samples < 1 or self.eval_samples < 1:
+            raise ConfigError(f"calib/eval samples must be at least 1, got {self.calib_samples}/{self.eval_samples}")
+        if self.fp32_threshold is not None and not self.fp32_threshold > 0:
+            raise ConfigError(f"fp32 threshold must be a positive relative error (e.g. 0.05), got {self.fp32_threshold}")
+        if self.random_calib and self.calib:
+            raise ConfigError("--random-calib and --calib exclude each other: give one")
+        if self.format == "qoperator" and self.mode == "dynamic":
+            raise ConfigError("--format applies to static quantization; dynamic always makes integer operators")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The settings actually used, resolved from the config and the target's defaults."""
+
+    mode: str
+    format: str
+    activation_type: str | None
+    weight_type: str
+    per_channel: bool
+    reason: str
+    op_types: tuple[str, ...] | None = None
+    extra_options: tuple[tuple[str, Any], ...] = ()
+
+
+def plan_for(config: QuantizeConfig, has_data: bool) -> Plan:
+    """Resolve mode, types and options for ``config.target``."""
+    mode = config.mode or ("static" if has_data or config.target != "cpu" else "dynamic")
+    if mode == "static" and not has_data:
+        raise ConfigError(f"static quantization{' for --target ' + config.target if config.target != 'cpu' else ''} "
+                          "needs calibration data: give --calib FILE.npz (or a folder of .npy), --zoo-model NAME "
+                          "for a zoo model's sample inputs, or --random-calib")
+    if mode == "dynamic":
+        ops = _DYNAMIC_OPS + (("Conv",) if config.dynamic_conv else ())
+        per_channel = bool(config.per_channel)
+        return Plan("dynamic", "qoperator", None, "int8", per_channel, "dynamic int8: weights int8, activation "
+                    "scales computed at run time; Conv stays fp32 unless --dynamic-conv (ConvInteger is 5.8x slower "
+                    "than fp32 on x86, docs/measured.md)", ops)
+    per_channel = True if config.per_channel is None else config.per_channel
+    if config.target == "cuda":
+        return Plan(mode, "qdq", "int8", "int8", per_channel, "CUDA: QDQ, symmetric int8 activations and weights",
+                    extra_options=(("ActivationSymmetric", True), ("WeightSymmetric", True)))
+    if config.target == "mobile":
+        return Plan(mode, config.format, "uint8", "int8", per_channel, "mobile: uint8 activations, symmetric int8 "
+                    "weights, constant scales (NNAPI's quantized types)", extra_options=(("WeightSymmetric", True),))
+    return Plan(mode, config.format, "int8", "int8", per_channel,
+                "CPU static: int8 activations and weights, fused into integer kernels by onnxruntime")
+
+
+def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: QuantizeConfig = QuantizeConfig(),
+             stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Quantize ``model`` to int8, write ``out`` atomically, return the report dict."""
+    stage = stage or (lambda _: None)
+    start = time.perf_counter()
+    io.ensure_writable(out)
+    fp32, name, bytes_before = _load(model)
+    zoo = config.zoo_model or _zoo_name(fp32)
+    has_data = bool(config.calib or zoo or config.random_calib)
+    plan = plan_for(config, has_data)
+    warnings: list[str] = []
+    stage("calibration data")
+    inputs = _inputs(fp32, config, zoo, plan, warnings)
+    with tempfile.TemporaryDirectory(prefix="edgecompress-q-") as tmp:
+        stage("pre-processing")
+        pre, pre_note = preprocess(fp32, Path(tmp))
+        gemms: list[str] = []
+        if plan.mode == "dynamic":
+            pre, gemms = qgraph.gemm_to_matmul(pre)
+        _warn_dynamic_conv(pre, plan, config, warnings)
+        exclude = _excluded(pre, config.exclude, warnings)
+        reference = accuracy.run(fp32, inputs.evaluation)
+        chosen, balance_info = _quantize_variants(pre, plan, config, inputs, exclude, reference, Path(tmp), stage, warnings)
+        variant_fp32, q_model, metrics = chosen
+        stage("per-layer error")
+        layers = accuracy.layer_errors(variant_fp32, q_model, inputs.evaluation)
+        fp32_layers = []
+        if config.fp32_threshold is not None:
+            fp32_layers = [r["name"] for r in layers if r["local_error"] > config.fp32_threshold]
+            if fp32_layers:
+                stage("re-quantizing with the worst layers in fp32")
+                q_model = _run_ort(variant_fp32, plan, config, inputs, exclude + fp32_layers, Path(tmp))
+                metrics = accuracy.output_metrics(reference, accuracy.run(q_model, inputs.evaluation))
+                layers = accuracy.layer_errors(variant_fp32, q_model, inputs.evaluation)
+    saved = qgraph.compact_names(q_model, variant_fp32)
+    data = q_model.SerializeToString()
+    io.write_bytes(out, data)
+    return {
+        "input": name, "output": str(out), "target": config.target, "mode": plan.mode,
+        "format": plan.format, "activation_type": plan.activation_type, "weight_type": plan.weight_type,
+        "per_channel": plan.per_channel, "calib_method": config.calib_method if plan.mode == "static" else None,
+        "reason": plan.reason, "calibration": inputs.describe(), "preprocess": pre_note,
+        "bytes_before": bytes_before, "bytes_after": len(data), "compression": bytes_before / len(data),
+        **{k: metrics[k] for k in ("sqnr_db", "max_abs_diff", "rel_error", "top1_agreement")},
+        "layers": layers, "balance": balance_info, "fp32_layers": fp32_layers, "excluded": exclude,
+        "gemm_rewritten": gemms, "bytes_saved_by_short_names": saved, "coverage": qgraph.coverage(variant_fp32, q_model),
+        "op_counts": dict(sorted(Counter(n.op_type for n in q_model.graph.node).items())),
+        "warnings": warnings, "config": config.to_dict(), "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str, int]:
+    if isinstance(model, onnx.ModelProto):
+        proto, name, size = model, "<in-memory model>", model.ByteSize()
+    else:
+        proto, name, size = runtime.load_onnx(model), str(model), Path(model).stat().st_size
+    found = qgraph.quantized_ops(proto)
+    if found:
+        raise ConfigError(f"{name} is already quantized (it has {', '.join(sorted(found))}): quantize the fp32 model")
+    return proto, name, size
+
+
+def _zoo_name(model: onnx.ModelProto) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == ZOO_METADATA_KEY), None)
+
+
+def _inputs(model, config: QuantizeConfig, zoo: str | None, plan: Plan, warnings: list[str]) -> calibration.Inputs:
+    eval_seed = config.seed + calibration.EVAL_SEED_OFFSET
+    if config.calib:
+        samples = calibration.load_samples(config.calib, model)
+        calib, held = calibration.hold_out(samples, config.calib_samples, config.eval_samples)
+        inputs = calibration.Inputs(calib, held, f"file {config.calib}", bool(held))
+        if not held:
+            inputs.evaluation = calib
+            inputs.notes.append("only one sample given: evaluated on the calibration sample, figures are optimistic")
+        return inputs
+    if zoo:
+        return calibration.Inputs(calibration.zoo_samples(zoo, model, config.calib_samples, config.seed),
+                                  calibration.zoo_samples(zoo, model, config.eval_samples, eval_seed),
+                                  f"zoo model {zoo!r} sample inputs (seeded)", True,
+                                  [f"calibration seed {config.seed}, evaluation seed {eval_seed}"])
+    evaluation = calibration.random_samples(model, config.eval_samples, eval_seed)
+    if config.random_calib:
+        _warn(warnings, "calibrating on random inputs (--random-calib): int8 ranges fit noise, not your data")
+        return calibration.Inputs(calibration.random_samples(model, config.calib_samples, config.seed), evaluation,
+                                  "random (--random-calib)", True, [f"calibration seed {config.seed}, evaluation seed {eval_seed}"])
+    return calibration.Inputs([], evaluation, "none (dynamic)", True,
+                              [f"accuracy measured on random inputs (seed {eval_seed}): give --calib to measure on real data"])
+
+
+def preprocess(model: onnx.ModelProto, tmp: Path) -> tuple[onnx.ModelProto, str]:
+    """``quant_pre_process`` without its optimizer; symbolic shape inference failures fall back gracefully."""
+    from onnxruntime.quantization import quant_pre_process
+
+    src, dst = tmp / "fp32.onnx", tmp / "pre.onnx"
+    onnx.save(model, str(src))
+    try:
+        quant_pre_process(str(src), str(dst), skip_optimization=True)
+        return onnx.load(str(dst)), "quant_pre_process (symbolic + ONNX shape inference, no optimizer)"
+    except Exception as exc:  # symbolic shape inference raises many kinds of errors
+        first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    try:
+        quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=True)
+        log.warning("symbolic shape inference failed (%s): used ONNX shape inference only", first)
+        return onnx.load(str(dst)), f"ONNX shape inference only (symbolic failed: {first})"
+    except Exception as exc:
+        log.warning("pre-processing failed (%s): quantizing the graph as it is", exc)
+        return model, f"none (pre-processing failed: {first})"
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    log.warning(message)
+    warnings.append(message)
+
+
+def _warn_dynamic_conv(model, plan: Plan, config: QuantizeConfig, warnings: list[str]) -> None:
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    if plan.mode != "dynamic" or not convs:
+        return
+    if config.dynamic_conv:
+        _warn(warnings, f"--dynamic-conv: {convs} Conv nodes become ConvInteger, measured 5.8x slower than fp32 on x86 CPUs")
+    else:
+        _warn(warnings, f"dynamic mode leaves {convs} Conv nodes in fp32 (ConvInteger is slower than fp32 on CPU): "
+                        "give --calib for static int8 convs")
+
+
+def _excluded(model: onnx.ModelProto, patterns: tuple[str, ...], warnings: list[str]) -> list[str]:
+    names = [n.name for n in model.graph.node]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            _warn(warnings, f"--exclude {pattern!r} matches no node")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _quantize_variants(pre, plan, config, inputs, exclude, reference, tmp, stage, warnings):
+    """Quantize with and/or without balancing; return ((fp32 variant, int8 model, metrics), balance report)."""
+    chains = equalize.find_chains(pre)
+    balance = config.balance if config.balance is not None else bool(chains)
+    variants = {}
+    if not balance or config.compare_balance:
+        variants["without"] = (pre, None)
+    if balance:
+        variants["with"] = equalize.balance(pre, inputs.calibration)
+    results = {}
+    for key, (variant, _) in variants.items():
+        stage(f"quantizing ({plan.mode}{', balanced' if key == 'with' else ''})")
+        q_model = _run_ort(variant, plan, config, inputs, exclude, tmp)
+        results[key] = (variant, q_model, accuracy.output_metrics(reference, accuracy.run(q_model, inputs.evaluation)))
+    info: dict[str, Any] = {"chains": len(chains), "requested": config.balance, "applied": balance}
+    if balance:
+        info.update(variants["with"][1])
+    for key, (_, _, metrics) in results.items():
+        info[f"sqnr_db_{key}"] = metrics["sqnr_db"]
+    if not balance:
+        info["reason"] = "no factorized chains" if not chains else "turned off"
+        return results["without"], info
+    if "without" in results and config.balance is None and _sqnr(results["without"]) > _sqnr(results["with"]):
+        info["applied"] = False
+        _warn(warnings, f"balancing lowered SQNR ({_sqnr(results['without']):.1f} -> {_sqnr(results['with']):.1f} dB): "
+                        "kept the unbalanced model")
+        return results["without"], info
+    return results["with"], info
+
+
+def _sqnr(result) -> float:
+    value = result[2]["sqnr_db"]
+    return float("inf") if value is None else value
+
+
+def _run_ort(model: onnx.ModelProto, plan: Plan, config: QuantizeConfig, inputs: calibration.Inputs,
+             exclude: list[str], tmp: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    src, dst = tmp / "variant.onnx", tmp / "int8.onnx"
+    onnx.save(model, str(src))
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if plan.mode == "dynamic":
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(plan.op_types), per_channel=plan.per_channel,
+                         weight_type=types[plan.weight_type], nodes_to_exclude=exclude or None,
+                         extra_options={"MatMulConstBOnly": True})
+    else:
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        quantize_static(str(src), str(dst), _Reader(inputs.calibration),
+                        quant_format=QuantFormat.QDQ if plan.format == "qdq" else QuantFormat.QOperator,
+                        per_channel=plan.per_channel, activation_type=types[plan.activation_type],
+                        weight_type=types[plan.weight_type], nodes_to_exclude=exclude or None,
+                        calibrate_method=methods[config.calib_method], extra_options=_static_options(plan))
+    return onnx.load(str(dst))
+
+
+def _static_options(plan: Plan) -> dict[str, Any]:
+    options = dict(plan.extra_options)
+    if plan.format == "qdq":
+        # Keep Relu/Clip in the QDQ graph so every float tensor means what it means in fp32 (per-layer errors
+        # match by name); onnxruntime folds them into QLinearConv at load: same kernels, same time (measured).
+        options.setdefault("QDQKeepRemovableActivations", True)
+    return options
+
+
+class _Reader:
+    """Feeds the calibration samples once (onnxruntime's CalibrationDataReader protocol: get_next)."""
+
+    def __init__(self, samples):
+        self._samples = iter(samples)
+
+    def get_next(self):
+        return next(self._samples, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
