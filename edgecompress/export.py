@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch.nn as nn
 
 from edgecompress import exporters, io
@@ -75,7 +76,13 @@ def export(
                   "params_dense": totals["params"], "macs_dense": totals["macs"]}
     report["totals"] = totals
     stage("export")
-    result = export_module(target, loaded.input_spec, out, config, samples, stage)
+    from edgecompress.models import list_models
+
+    # quantize reads the zoo name to calibrate on the model's own sample inputs
+    metadata = {"edgecompress.model": loaded.name} if loaded.name in list_models() else {}
+    if factorize_config is not None:
+        metadata["edgecompress.method"] = factorize_config.method
+    result = export_module(target, loaded.input_spec, out, config, samples, stage, metadata)
     report["onnx"] = result["onnx"]
     report["parity"] = result["parity"]
     if factorize_config is not None:
@@ -84,8 +91,10 @@ def export(
 
 
 def export_module(module: nn.Module, spec: InputSpec, out: str | Path, config: ExportConfig = ExportConfig(),
-                  samples=None, stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Export an in-memory module (already folded/factorized) with simplification and parity."""
+                  samples=None, stage: Callable[[str], None] | None = None,
+                  metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Export an in-memory module (already folded/factorized) with simplification and parity.
+    ``metadata`` goes into the model's metadata_props (e.g. the zoo name, which quantize reads)."""
     stage = stage or (lambda _: None)
     samples = samples or [[x] for x in sample_inputs(module, spec, config.parity_samples, config.seed)]
     start = time.perf_counter()
@@ -102,6 +111,8 @@ def export_module(module: nn.Module, spec: InputSpec, out: str | Path, config: E
             f"ONNX output differs from PyTorch by {parity.max_abs_diff:.3g} (tolerance {config.tolerance:g}, "
             f"relative {parity.rel_error:.3g}); nothing written. Try --no-simplify or another --opset"
         )
+    if metadata:
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
     data = proto.SerializeToString()
     io.write_bytes(out, data)
     return {
