@@ -13,9 +13,11 @@ from edgecompress.errors import ExportError
 log = logging.getLogger(__name__)
 
 # What a factorized chain may contain (issues 3 and 4): small standard nodes every provider runs.
+# Pad and Slice come only from a conv's non-zero padding mode (reflect/replicate: Pad; circular:
+# Slice + Concat), exactly as the dense conv exports it.
 CHAIN_OPS = frozenset(
     {"Conv", "MatMul", "Gemm", "Add", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat",
-     "Gather", "Div", "Mod"}
+     "Gather", "Div", "Mod", "Pad", "Slice"}
 )
 
 

@@ -3,14 +3,15 @@
 Importing this package registers every method module (one module per method).
 """
 
-from edgecompress.factorize import svd  # noqa: F401  (registration: one module per method)
+from edgecompress.factorize import cp, svd, tucker  # noqa: F401  (registration: one module per method)
 from edgecompress.factorize.api import FactorizeReport, factorize, factorize_, relative_error
 from edgecompress.factorize.base import FactorizedLayer, LayerRecord, SkipLayer
 from edgecompress.factorize.config import FactorizeConfig, read_config_file
+from edgecompress.factorize.planning import plan
 from edgecompress.factorize.ranks import RankSpec
 from edgecompress.factorize.registry import Decomposition, methods, register
 
 __all__ = [
     "Decomposition", "FactorizeConfig", "FactorizeReport", "FactorizedLayer", "LayerRecord", "RankSpec",
-    "SkipLayer", "factorize", "factorize_", "methods", "read_config_file", "register", "relative_error",
+    "SkipLayer", "factorize", "factorize_", "methods", "plan", "read_config_file", "register", "relative_error",
 ]

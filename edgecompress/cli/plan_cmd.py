@@ -1,0 +1,66 @@
+"""``edgecompress plan``: the per-layer factorization table (ranks, params, MACs, error) without exporting."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from edgecompress.cli._options import console, err_console, fmt_int, model_options
+from edgecompress.cli.factorize_options import factorize_config_from, factorize_options
+from edgecompress.errors import ConfigError
+from edgecompress.io import _json_default
+
+
+@click.command("plan")
+@click.argument("model")
+@model_options
+@factorize_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def command(model, weights, input_shape, input_dtype, as_json, **fopts):
+    """Show what factorizing MODEL would do, layer by layer, without exporting.
+
+    MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory.
+    """
+    from edgecompress.factorize import plan
+
+    config = factorize_config_from(**fopts)
+    if config is None:
+        raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...)")
+    with err_console.status("factorizing") as status:
+        report = plan(model, config, weights, input_shape, input_dtype,
+                      progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"))
+    if as_json:
+        click.echo(json.dumps({"model": model, **report.to_dict()}, indent=2, default=_json_default))
+        return
+    # piped output gets rich's default 80 columns, which would truncate every column: widen it
+    out = console if console.is_terminal else Console(width=160, highlight=False)
+    out.print(_table(model, report))
+
+
+def _table(model: str, report) -> Table:
+    t = report.totals()
+    caption = (f"{t['factorized_layers']} factorized, {t['dense_layers']} left dense; params {_change(t['params_before'], t['params_after'])}, "
+               f"MACs {_change(t['macs_before'], t['macs_after'])}")
+    table = Table(title=f"{model}: {report.config.method}, {report.config.rank_spec().describe()} ({report.seconds:.1f} s)",
+                  caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", no_wrap=True)
+    for col in ("type", "method", "ranks", "params", "after", "MACs", "after", "error"):
+        table.add_column(col, justify="left" if col in ("type", "method") else "right", no_wrap=True)
+    table.add_column("reason / notes", overflow="fold", min_width=30)
+    for r in report.layers:
+        remark = "; ".join(([r.reason] if r.reason else []) + r.notes)
+        error = "-" if r.rel_error is None else f"{r.rel_error:.3g}"
+        table.add_row(r.name, r.type, r.method, ",".join(map(str, r.ranks)) or "-", fmt_int(r.params_before),
+                      fmt_int(r.params_after), fmt_int(r.macs_before), fmt_int(r.macs_after), error, remark)
+    return table
+
+
+def _change(before: int | None, after: int | None) -> str:
+    if before is None or after is None:
+        return fmt_int(before)
+    ratio = f" ({before / after:.2f}x)" if after else ""
+    return f"{fmt_int(before)} -> {fmt_int(after)}{ratio}"

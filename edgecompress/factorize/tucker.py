@@ -1,0 +1,139 @@
+"""``tucker``: Tucker-2 of a conv weight (Kim et al., ICLR 2016) -> conv 1x1, core conv k, conv 1x1.
+
+``W [O, I, *k] ~ G x_0 U_out x_1 U_in`` with orthonormal ``U_out [O, R_out]``, ``U_in [I, R_in]`` and
+core ``G [R_out, R_in, *k]``, computed by HOSVD then a few HOOI sweeps (what tensorly's
+``partial_tucker`` on modes 0 and 1 does, here on the Gram matrices of the unfoldings in float64:
+the same factors, in a fraction of the time). Chain: conv 1x1 (I -> R_in) -> conv k (R_in -> R_out,
+the original stride/padding/dilation) -> conv 1x1 (R_out -> O, bias): three Conv nodes. Grouped convs
+are factorized per group; a 1x1 conv gets channel SVD; on a Linear ``tucker`` is its SVD.
+
+Ranks: ``--ratio`` scales both ranks in proportion to the channel counts (``R_out/O = R_in/I``, a
+mode narrower than ``--rank-multiple`` kept whole when the budget allows);
+``--energy`` keeps that energy of each mode's HOSVD spectrum; ``--rank`` is used for both modes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from edgecompress.factorize.base import SkipLayer
+from edgecompress.factorize.convs import (check_factorizable, one_thread, copy_bias, explicit_pad, grouped_weight,
+                                          pointwise_step, set_weight, spatial_step)
+from edgecompress.factorize.layers import TuckerConv
+from edgecompress.factorize.ranks import RankSpec, energy_rank, round_down, round_up
+from edgecompress.factorize.registry import Decomposition, register
+from edgecompress.factorize.svd import delegate_linear, delegate_pointwise
+
+HOOI_SWEEPS = 3
+HOOI_TOL = 1e-4  # stop when a sweep improves the relative error by less than this
+
+
+def _top_vectors(unfolded: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(singular values, leading left singular vectors) of each ``[m, n]`` in ``unfolded [g, m, n]``."""
+    values, vectors = torch.linalg.eigh(unfolded @ unfolded.transpose(1, 2))
+    values, vectors = values.flip(-1).clamp_min(0).sqrt(), vectors.flip(-1)
+    return values, vectors if rank is None else vectors[..., :rank]
+
+
+def _unfold(w: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding (mode 0: out channels, 1: in channels) of each group of ``w [g, o, i, *k]``."""
+    return w.movedim(mode + 1, 1).reshape(w.shape[0], w.shape[mode + 1], -1)
+
+
+def tucker2(w: torch.Tensor, rank_out: int, rank_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Tucker-2 of ``w [g, o, i, *k]`` (float64): (core [g, R_out, R_in, *k], U_out [g, o, R_out],
+    U_in [g, i, R_in], relative error)."""
+    u_out = _top_vectors(_unfold(w, 0), rank_out)[1]
+    u_in = _top_vectors(_unfold(w, 1), rank_in)[1]
+    norm2 = float((w * w).sum()) or 1.0
+
+    def project(u_out, u_in):
+        # with orthonormal factors the error is ||W||^2 - ||core||^2: no reconstruction needed
+        core = torch.einsum("goi...,goa,gib->gab...", w, u_out, u_in)
+        return core, max(0.0, 1 - float((core * core).sum()) / norm2) ** 0.5
+
+    core, error = project(u_out, u_in)
+    for _ in range(HOOI_SWEEPS):
+        new_out = _top_vectors(_unfold(torch.einsum("goi...,gib->gob...", w, u_in), 0), rank_out)[1]
+        new_in = _top_vectors(_unfold(torch.einsum("goi...,goa->gai...", w, new_out), 1), rank_in)[1]
+        new_core, new_error = project(new_out, new_in)
+        if new_error > error:
+            break
+        gain, error = error - new_error, new_error
+        core, u_out, u_in = new_core, new_out, new_in
+        if gain < HOOI_TOL:
+            break
+    return core, u_out, u_in, error
+
+
+def tucker_ranks(spec: RankSpec, w: torch.Tensor) -> tuple[int, int, list[str]]:
+    """(R_out, R_in, notes) for ``w [g, o, i, *k]``; (0, 0) when no ranks save parameters."""
+    g, o, i = w.shape[:3]
+    kk = math.prod(w.shape[3:])
+    notes: list[str] = []
+    if spec.rank is not None:
+        for size, mode in ((o, "output"), (i, "input")):
+            if spec.rank > size:
+                notes.append(f"rank {spec.rank} clamped to the {mode} channels ({size}) for that mode")
+        return round_up(min(spec.rank, o), spec.multiple, o), round_up(min(spec.rank, i), spec.multiple, i), notes
+    if spec.energy is not None:
+        ranks = []
+        for mode, size in ((0, o), (1, i)):
+            values = _top_vectors(_unfold(w, mode))[0]
+            ranks.append(round_up(max(energy_rank(v.numpy(), spec.energy) for v in values), spec.multiple, size))
+        return ranks[0], ranks[1], notes
+    budget = g * o * i * kk / spec.ratio
+
+    def params(ro: int, ri: int) -> int:
+        return g * (i * ri + ri * ro * kk + ro * o)
+
+    # a mode narrower than the rank block (the 3 input channels of a stem) keeps its full width
+    # when the budget allows: it costs little and cutting it loses most of the layer
+    floor_o, floor_i = min(o, spec.multiple), min(i, spec.multiple)
+    if params(floor_o, floor_i) > budget:
+        floor_o = floor_i = 1
+    if params(floor_o, floor_i) > budget:
+        return 0, 0, notes
+
+    def ranks_at(alpha: float) -> tuple[int, int]:
+        return max(floor_o, int(alpha * o)), max(floor_i, int(alpha * i))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if params(*ranks_at(mid)) <= budget else (lo, mid)
+    ro, ri = ranks_at(lo)
+    return round_down(ro, spec.multiple, o), round_down(ri, spec.multiple, i), notes
+
+
+@register("tucker", nn.Conv1d, nn.Conv2d)
+@one_thread
+def tucker_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
+    geo = check_factorizable(layer)
+    if geo.pointwise:
+        return delegate_pointwise(layer, spec, "tucker")
+    w = grouped_weight(layer)
+    g, o, i = w.shape[:3]
+    rank_out, rank_in, notes = tucker_ranks(spec, w)
+    if rank_out < 1:
+        raise SkipLayer(f"no Tucker-2 ranks save parameters at {spec.describe()} ({o}x{i}x{'x'.join(map(str, geo.kernel))} per group)")
+    core, u_out, u_in, error = tucker2(w, rank_out, rank_in)
+    first = pointwise_step(geo, geo.in_channels, g * rank_in, g)
+    middle = spatial_step(geo, g * rank_in, g * rank_out, tuple(range(geo.dims)), g)
+    last = pointwise_step(geo, g * rank_out, geo.out_channels, g, bias=layer.bias is not None)
+    set_weight(first, u_in.transpose(1, 2))
+    set_weight(middle, core)
+    set_weight(last, u_out)
+    copy_bias(last, layer)
+    if g > 1:
+        notes.append(f"factorized per group ({g} groups)")
+    module = TuckerConv("tucker", [first, *explicit_pad(geo), middle, last], g)
+    return Decomposition(module, notes, {"tucker_error": round(error, 6)})
+
+
+@register("tucker", nn.Linear)
+def tucker_linear(layer: nn.Linear, spec: RankSpec) -> Decomposition:
+    return delegate_linear(layer, spec, "tucker")
