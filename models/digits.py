@@ -82,12 +82,17 @@ def load_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     return preprocess(images), torch.as_tensor(labels.astype(np.int64))
 
 
-def write_split(path: str | Path, split: str = "test") -> Path:
-    """Write ``split`` as an ``--data`` file: ``x`` (inputs, float32) and ``y`` (labels)."""
+def write_split(path: str | Path, split: str = "test", with_train: bool = False) -> Path:
+    """Write ``split`` as a ``--data`` file (``input``, ``labels``; with ``with_train`` also the train
+    split as ``train_inputs``/``train_labels``)."""
     from edgecompress import io
 
     x, y = load_digits(split)
+    arrays = {"input": x.numpy(), "labels": y.numpy()}
+    if with_train:
+        x_train, y_train = load_digits("train")
+        arrays.update(train_inputs=x_train.numpy(), train_labels=y_train.numpy())
     with io.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, x=x.numpy(), y=y.numpy())
+            np.savez_compressed(fh, **arrays)
     return Path(path)

@@ -1,0 +1,93 @@
+"""``edgecompress run``: the whole job in one command, written up as report.json / .md / .html."""
+
+from __future__ import annotations
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgecompress import pipeline
+from edgecompress.cli._options import console, err_console, model_options
+from edgecompress.errors import ConfigError, EdgeCompressError
+
+
+class _RichProgress(pipeline.Progress):
+    """One progress bar per pipeline stage, on stderr."""
+
+    def __init__(self, bars: Progress):
+        self.bars, self.tasks = bars, {}
+
+    def start(self, stage: str, total: int) -> None:
+        self.tasks[stage] = self.bars.add_task(stage, total=max(total, 1), detail="")
+        if total == 0:
+            self.bars.update(self.tasks[stage], completed=1, detail="nothing to do")
+
+    def advance(self, stage: str, detail: str = "") -> None:
+        self.bars.update(self.tasks[stage], advance=1, detail=detail)
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise ConfigError(f"bad {what} {text!r}: write whole numbers joined by commas, e.g. 1,2") from None
+    return values
+
+
+@click.command("run")
+@click.argument("model", required=False, default=None)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the ONNX files and report.json / report.md / report.html.")
+@model_options
+@click.option("--methods", default=None, metavar="M1,M2",
+              help="Factorization methods, comma-separated. Default: svd,tucker,cp,tt (those installed).")
+@click.option("--ratio", "ratios", type=float, multiple=True, help="Per-layer parameter compression (repeatable). Default: 2 and 4.")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also quantize every variant to int8 (static QDQ).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help=".npz with the inputs (and optional labels, train_inputs, train_labels). Default for the bundled model: its held-out set.")
+@click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider for bench and evaluation.")
+@click.option("--threads", default="1,2", show_default=True, help="Thread counts to time, comma-separated, e.g. 1,2.")
+@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+              help="Distil each factorized model from the dense one for N epochs before export.")
+@click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed rounds in the interleaved bench.")
+@click.option("--profile", is_flag=True, help="Profile each variant to time every layer (slower).")
+def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
+            finetune_epochs, bench_runs, profile):
+    """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
+
+    MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
+    digits CNN (trained weights and its held-out set ship with edgecompress).
+    """
+    config = pipeline.RunConfig(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
+        ratios=tuple(ratios) or (2.0, 4.0), int8=int8, provider=provider, threads=_ints(threads, "--threads"),
+        finetune_epochs=finetune_epochs, bench_runs=bench_runs, profile=profile)
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[detail]}"))
+    with Progress(*columns, console=err_console, transient=False) as bars:
+        report = pipeline.run(model, out_dir, config, data, weights, input_shape, input_dtype, _RichProgress(bars))
+    _print(report, out_dir)
+    if report.variant("dense").status != "ok":
+        raise EdgeCompressError(f"the dense model itself failed: {report.variant('dense').error}")
+
+
+def _print(report, out_dir: str) -> None:
+    """A compact table (the full one is in the report files); failures listed below it."""
+    threads = [str(t) for t in report.config["threads"]]
+    quality = "acc" if report.data.get("labels") else "agree"
+    table = Table(title=f"{report.model}: {sum(v.status == 'ok' for v in report.variants)} of "
+                        f"{len(report.variants)} variants built")
+    for col in ["variant", "compr", "size", *[f"p50 {t}t" for t in threads], "speedup", quality, "SQNR"]:
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    for v in report.variants:
+        q = v.accuracy if v.accuracy is not None else v.agreement
+        lat = [f"{v.latency_ms[t]['p50']:.3f}" if t in v.latency_ms else "-" for t in threads]
+        table.add_row(v.name, "-" if v.compression is None else f"{v.compression:.2f}x",
+                      "-" if v.size_bytes is None else f"{v.size_bytes / 1e6:.2f}M", *lat,
+                      "-" if v.speedup is None else f"{v.speedup:.2f}x", "-" if q is None else f"{100 * q:.1f}%",
+                      "-" if v.sqnr_db is None else f"{v.sqnr_db:.1f}", style="red" if v.status != "ok" else None)
+    console.print(table)
+    for variant in report.variants:
+        if variant.status != "ok":
+            console.print(f"[red]{variant.name} failed[/red]: {variant.error}", markup=True)
+    console.print(f"report: {out_dir}/report.html, report.md, report.json ({report.seconds:.1f} s)")

@@ -1,0 +1,383 @@
+"""The main job in one call: ``run(model, out_dir, config) -> Report``.
+
+Builds every variant (dense, each method x ratio, int8 of each), in stages over all variants:
+factorize -> (fine-tune by distillation) -> export (onnxsim, parity) -> quantize -> bench (one
+interleaved run of every ONNX file) -> evaluate on data -> report.json / report.md / report.html.
+A variant that fails at any stage is recorded with its reason and the others go on; a stage whose
+module is missing (int8, bench) fails the variants or the step with that reason, never the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgecompress import exporters, io, runtime
+from edgecompress.data import RunData, default_data, load_data
+from edgecompress.errors import ConfigError, EdgeCompressError
+from edgecompress.export import ExportConfig, export_module
+from edgecompress.loading import InputSpec, LoadedModel, load_model, load_weights_, parse_shape, sample_inputs
+from edgecompress.report import Report, Variant, write_report
+from edgecompress.stats import count_macs, count_params
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "digits_cnn"
+DEFAULT_METHODS = ("svd", "tucker", "cp", "tt")
+STAGES = ("factorize", "finetune", "export", "quantize", "bench", "evaluate", "report")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """``methods`` None: every registered method of DEFAULT_METHODS; layers with fewer than
+    ``min_layer_params`` parameters stay dense (factorizing them saves nothing worth the error)."""
+
+    methods: tuple[str, ...] | None = None
+    ratios: tuple[float, ...] = (2.0, 4.0)
+    int8: bool = True
+    provider: str = "cpu"
+    threads: tuple[int, ...] = (1, 2)
+    finetune_epochs: int = 0
+    finetune_lr: float = 5e-4
+    batch_size: int = 64
+    bench_runs: int = 50
+    bench_warmup: int = 3
+    profile: bool = False
+    rank_multiple: int = 8
+    min_layer_params: int = 4096
+    calib_samples: int = 64
+    eval_samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.methods is not None and not self.methods:
+            raise ConfigError("give at least one method, e.g. --methods svd,tucker")
+        if not self.ratios and self.methods:
+            raise ConfigError("give at least one --ratio")
+        if any(not r > 1 for r in self.ratios):
+            raise ConfigError(f"every ratio must be above 1 (parameter compression per layer), got {list(self.ratios)}")
+        if not self.threads or any(int(t) != t or t < 1 for t in self.threads):
+            raise ConfigError(f"threads must be positive integers such as 1,2, got {list(self.threads)}")
+        if int(self.finetune_epochs) != self.finetune_epochs or self.finetune_epochs < 0:
+            raise ConfigError(f"--finetune-epochs must be a whole number >= 0, got {self.finetune_epochs}")
+        for name in ("bench_runs", "batch_size", "calib_samples", "rank_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ConfigError(f"eval samples must be at least 1, got {self.eval_samples}")
+
+    def method_list(self) -> list[str]:
+        """The methods asked for; None means every default method that is registered here."""
+        from edgecompress.factorize import methods
+
+        if self.methods is None:
+            return [m for m in DEFAULT_METHODS if m in methods()]
+        return list(self.methods)
+
+
+class Progress:
+    """What ``run`` reports while it works; the CLI draws it. ``start`` once per stage, then ``advance``."""
+
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, stage: str, detail: str = "") -> None:
+        pass
+
+
+def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config: RunConfig = RunConfig(),
+        data: RunData | str | Path | None = None, weights: str | Path | None = None,
+        input_shape: str | tuple[int, ...] | None = None, input_dtype: str | None = None,
+        progress: Progress | None = None) -> Report:
+    """Run the whole pipeline on ``model`` (a zoo name, a factory path, a LoadedModel, or an nn.Module
+    with ``input_shape``; None: the bundled digits model with its held-out set) and write the report
+    files into ``out_dir``. ``data`` is a RunData or an .npz path (see ``edgecompress.data``)."""
+    progress = progress or Progress()
+    start = time.perf_counter()
+    runtime.resolve_provider(config.provider)  # an unknown or missing provider fails before any work
+    loaded = _loaded(model, weights, input_shape, input_dtype)
+    out_dir = Path(out_dir)
+    io.ensure_writable(out_dir / "report.json")
+    if data is None:
+        data = default_data(loaded.name)
+    elif not isinstance(data, RunData):
+        data = load_data(data, loaded.input_spec)
+    dense = copy.deepcopy(loaded.module).eval()  # folding BatchNorm must not change the caller's model
+    exporters.fold_batchnorm_(dense)
+    samples = sample_inputs(dense, loaded.input_spec, 2, config.seed)
+    settings = {**dataclasses.asdict(config), "methods": config.method_list()}
+    report = Report(model=loaded.name, input_shape=list(loaded.input_spec.shape), config=settings,
+                    data=data.describe() if data else {"source": "random samples", "labels": False})
+    modules = _build(dense, loaded, config, samples, report, progress)
+    if config.finetune_epochs:
+        _finetune(modules, dense, data, config, report, progress)
+    _export(modules, loaded, out_dir, samples, report, progress)
+    if config.int8:
+        _quantize(loaded, data, out_dir, config, report, progress)
+    _bench(report, config, progress)
+    _evaluate(report, loaded, data, config, progress)
+    report.seconds = round(time.perf_counter() - start, 2)
+    progress.start("report", 1)
+    write_report(report, out_dir)
+    progress.advance("report", "report.json, report.md, report.html")
+    return report
+
+
+def _loaded(model, weights, input_shape, input_dtype) -> LoadedModel:
+    """A LoadedModel from a name/factory path (None: the default), a LoadedModel, or an nn.Module."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        if input_shape is None:
+            raise ConfigError("an nn.Module needs input_shape, e.g. run(model, out, input_shape=(1, 3, 32, 32))")
+        shape = parse_shape(input_shape) if isinstance(input_shape, str) else tuple(input_shape)
+        if weights is not None:
+            load_weights_(model, weights)
+        return LoadedModel(type(model).__name__, model.eval(), InputSpec(shape, input_dtype or "float32"))
+    return load_model(model or DEFAULT_MODEL, weights, input_shape, input_dtype)
+
+
+def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, report: Report,
+           progress: Progress) -> dict[str, nn.Module]:
+    """The dense variant and one factorized module per method x ratio (failures recorded)."""
+    from edgecompress.factorize import FactorizeConfig, factorize
+
+    dense_params, dense_macs = count_params(dense), count_macs(dense, samples[:1])[0]
+    report.variants.append(Variant(name="dense", method="dense", params=dense_params, macs=dense_macs, compression=1.0))
+    modules = {"dense": dense}
+    small = tuple(name for name, m in dense.named_modules() if name and not list(m.children())
+                  and 0 < count_params(m) < config.min_layer_params)
+    jobs = [(m, r) for m in config.method_list() for r in config.ratios]
+    progress.start("factorize", len(jobs))
+    for method, ratio in jobs:
+        variant = Variant(name=f"{method}-x{_fmt(ratio)}", method=method, ratio=ratio)
+        report.variants.append(variant)
+        progress.advance("factorize", variant.name)
+        t0 = time.perf_counter()
+        try:
+            fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple, exclude=small)
+            module, frep = factorize(dense, fconfig, samples[:1])
+        except Exception as exc:  # one variant's failure must not stop the others
+            _fail(variant, "factorize", exc)
+            continue
+        variant.layers = [r.to_dict() for r in frep.layers]
+        if not frep.factorized:
+            reasons = sorted({r.reason for r in frep.layers if r.reason}) or [
+                f"no layer of a type it handles{' among those with >= %d parameters' % config.min_layer_params if small else ''}"]
+            _fail(variant, "factorize", f"method {method!r} factorized no layer: {'; '.join(reasons)}")
+            continue
+        variant.params, variant.macs = count_params(module), count_macs(module, samples[:1])[0]
+        variant.compression = round(dense_params / variant.params, 4)
+        variant.seconds["factorize"] = round(time.perf_counter() - t0, 3)
+        modules[variant.name] = module
+    return modules
+
+
+def _finetune(modules: dict[str, nn.Module], dense: nn.Module, data: RunData | None, config: RunConfig,
+              report: Report, progress: Progress) -> None:
+    from edgecompress.finetune import FinetuneConfig, distill_, tensor_loader
+
+    names = [n for n in modules if n != "dense"]
+    progress.start("finetune", len(names) * config.finetune_epochs)
+    if data is None:
+        report.notes.append("fine-tuning skipped: it needs --data (inputs, and labels if you have them)")
+        return
+    x, y = data.train()
+    ft = FinetuneConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed)
+    if data.train_is_eval:
+        report.notes.append("fine-tuned on the evaluation data itself (the data file has no train_ split)")
+    for name in names:
+        variant = report.variant(name)
+        loader = tensor_loader(x, y, config.batch_size, config.seed)
+        try:
+            history = distill_(modules[name], dense, loader, ft,
+                               lambda epoch, loss, n=name: progress.advance("finetune", f"{n} epoch {epoch}: loss {loss:.4f}"))
+        except Exception as exc:
+            _fail(variant, "finetune", exc)
+            del modules[name]
+            continue
+        variant.finetune = history
+        variant.seconds["finetune"] = history["seconds"]
+
+
+def _export(modules: dict[str, nn.Module], loaded: LoadedModel, out_dir: Path, samples, report: Report,
+            progress: Progress) -> None:
+    progress.start("export", len(modules))
+    parity_samples = [[x] for x in samples]
+    for name, module in modules.items():
+        variant = report.variant(name)
+        progress.advance("export", name)
+        t0 = time.perf_counter()
+        try:
+            result = export_module(module, loaded.input_spec, out_dir / f"{name}.onnx", ExportConfig(), parity_samples)
+        except Exception as exc:
+            _fail(variant, "export", exc)
+            continue
+        variant.onnx = result["onnx"]["path"]
+        variant.size_bytes = result["onnx"]["bytes"]
+        variant.op_counts = result["onnx"]["op_counts"]
+        variant.seconds["export"] = round(time.perf_counter() - t0, 3)
+
+
+def _quantize(loaded: LoadedModel, data: RunData | None, out_dir: Path, config: RunConfig, report: Report,
+              progress: Progress) -> None:
+    """An int8 variant of every fp32 variant; each fails alone, with the reason."""
+    parents = [v for v in report.variants if not v.int8]
+    progress.start("quantize", len(parents))
+    calib = _calibration(loaded, data, config)
+    for parent in list(parents):
+        variant = Variant(name=f"{parent.name}-int8", method=parent.method, ratio=parent.ratio, int8=True,
+                          params=parent.params, macs=parent.macs, compression=parent.compression, layers=parent.layers)
+        report.variants.insert(report.variants.index(parent) + 1, variant)
+        progress.advance("quantize", variant.name)
+        if parent.status != "ok":
+            variant.status, variant.failed_at = "failed", parent.failed_at
+            variant.error = f"its fp32 variant {parent.name!r} failed"
+            continue
+        t0 = time.perf_counter()
+        try:
+            result = quantize_int8(parent.onnx, out_dir / f"{variant.name}.onnx", calib, config.provider)
+        except Exception as exc:
+            _fail(variant, "quantize", exc)
+            continue
+        variant.onnx = str(out_dir / f"{variant.name}.onnx")
+        variant.size_bytes = Path(variant.onnx).stat().st_size
+        variant.quantize = result
+        variant.seconds["quantize"] = round(time.perf_counter() - t0, 3)
+
+
+def _calibration(loaded: LoadedModel, data: RunData | None, config: RunConfig) -> np.ndarray:
+    """Calibration inputs: from the fine-tuning/train part of the data, else seeded samples."""
+    if data is not None:
+        x, _ = data.train()
+        return x[: config.calib_samples + 8].numpy()  # quantize holds the last 8 out for its own check
+    batch = sample_inputs(loaded.module, loaded.input_spec, config.calib_samples + 8, config.seed + 1)
+    return torch.cat(batch).numpy()
+
+
+def _bench(report: Report, config: RunConfig, progress: Progress) -> None:
+    """Every ONNX file in one interleaved bench run; a failure fails only the bench step."""
+    ready = [v for v in report.variants if v.status == "ok" and v.onnx]
+    progress.start("bench", len(ready) * config.bench_runs * len(config.threads))
+    if not ready:
+        return
+    try:
+        from edgecompress.bench import BenchConfig, bench
+
+        bconfig = BenchConfig(provider=config.provider, threads=tuple(config.threads), warmup=config.bench_warmup,
+                              runs=config.bench_runs, memory=False, profile=config.profile, seed=config.seed)
+        done = [0]
+
+        def tick(stage: str, count: int, total: int) -> None:
+            if stage == "timing":
+                while done[0] < count * len(ready) * len(config.threads):
+                    done[0] += 1
+                    progress.advance("bench", f"round {count}/{total}")
+
+        results = bench([v.onnx for v in ready], bconfig, tick)
+    except Exception as exc:
+        report.steps["bench"] = {"status": "failed", "error": _reason(exc)}
+        log.warning("bench failed: %s", _reason(exc))
+        return
+    report.steps["bench"] = {"status": "ok", "environment": results.get("environment")}
+    by_path = {}
+    for r in results["results"]:
+        by_path.setdefault(r["model"], []).append(r)
+    for variant in ready:
+        rows = by_path.get(variant.onnx, [])
+        variant.latency_ms = {str(r["threads"]): {"p50": r["latency_ms"]["p50"], "p90": r["latency_ms"]["p90"]} for r in rows}
+        profiled = next((r["profile"] for r in rows if "profile" in r), None)
+        if profiled:
+            variant.layer_ms = profiled.get("layers_ms")
+    _speedups(report, config)
+
+
+def _speedups(report: Report, config: RunConfig) -> None:
+    dense = report.variant("dense")
+    for variant in report.variants:
+        if not variant.latency_ms or not dense.latency_ms:
+            continue
+        ratios = {t: round(dense.latency_ms[t]["p50"] / lat["p50"], 4)
+                  for t, lat in variant.latency_ms.items() if t in dense.latency_ms and lat["p50"]}
+        variant.speedup_by_threads = ratios
+        variant.speedup = ratios.get(str(config.threads[0]))
+
+
+def _evaluate(report: Report, loaded: LoadedModel, data: RunData | None, config: RunConfig, progress: Progress) -> None:
+    """Outputs of every ONNX file on the data (or seeded samples): accuracy, agreement, SQNR vs dense."""
+    from edgecompress.bench import agreement
+    from edgecompress.data import run_onnx
+
+    ready = [v for v in report.variants if v.status == "ok" and v.onnx]
+    progress.start("evaluate", len(ready))
+    if data is not None:
+        x, labels = data.eval(config.eval_samples)
+    else:
+        x, labels = torch.cat(sample_inputs(loaded.module, loaded.input_spec, 64, config.seed + 2)), None
+    reference = None
+    for variant in ready:  # dense comes first
+        progress.advance("evaluate", variant.name)
+        try:
+            out = run_onnx(variant.onnx, x.numpy(), config.provider)
+        except Exception as exc:
+            _fail(variant, "evaluate", exc)
+            continue
+        if variant.name == "dense":
+            reference = out
+        if reference is None:
+            continue
+        metrics = agreement(out, reference, labels.numpy() if labels is not None else None)
+        variant.accuracy = metrics.get("accuracy")
+        variant.agreement = metrics.get("top1_agreement")
+        variant.sqnr_db = metrics["sqnr_db"] if variant.name != "dense" else None
+        variant.max_abs_diff = metrics["max_abs_diff"]
+
+
+def _fail(variant: Variant, stage: str, exc: Exception | str) -> None:
+    variant.status, variant.failed_at = "failed", stage
+    variant.error = f"{stage}: {exc if isinstance(exc, str) else _reason(exc)}"
+    log.info("%s failed at %s: %s", variant.name, stage, variant.error)
+    if not isinstance(exc, (str, EdgeCompressError)):
+        log.debug("traceback of %s", variant.name, exc_info=exc)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return first if isinstance(exc, EdgeCompressError) else f"{type(exc).__name__}: {first}"
+
+
+def _fmt(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+
+def quantize_int8(in_path: str | Path, out_path: str | Path, calib: np.ndarray, provider: str = "cpu",
+                  eval_samples: int = 8) -> dict:
+    """Adapter over ``edgecompress.quantize``: static int8 QDQ (per-channel) calibrated on ``calib``
+    (its last ``eval_samples`` rows are held out for quantize's own SQNR check). A missing module is
+    an error with that reason, so that only the int8 variants fail."""
+    try:
+        from edgecompress.quantize import QuantizeConfig, quantize
+    except ImportError as exc:
+        raise EdgeCompressError(f"int8 is not available: edgecompress.quantize cannot be imported ({exc})") from None
+    import tempfile
+
+    import onnx
+
+    model = onnx.load(str(in_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    name = next(i.name for i in model.graph.input if i.name not in initializers)
+    target = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+    with tempfile.TemporaryDirectory(prefix="edgecompress-run-") as tmp:
+        calib_file = Path(tmp) / "calib.npz"
+        np.savez(calib_file, **{name: calib})
+        config = QuantizeConfig(mode="static", calib=str(calib_file), calib_samples=max(1, len(calib) - eval_samples),
+                                eval_samples=eval_samples, target=target, compare_balance=False)
+        return quantize(in_path, out_path, config)
