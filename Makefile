@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/edgecompress export --report $(OUT)/report.json -o $(OUT)/model.onnx
+	$(VENV)/bin/edgecompress run -o $(OUT)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
 	$(PY) benchmarks/layers.py
+	$(PY) benchmarks/models.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -23,12 +24,12 @@ from edgecompress.data import RunData, default_data, load_data
 from edgecompress.errors import ConfigError, EdgeCompressError
 from edgecompress.export import ExportConfig, export_module
 from edgecompress.loading import InputSpec, LoadedModel, load_model, load_weights_, parse_shape, sample_inputs
+from edgecompress.models import DEFAULT_MODEL
 from edgecompress.report import Report, Variant, write_report
 from edgecompress.stats import count_macs, count_params
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "digits_cnn"
 DEFAULT_METHODS = ("svd", "tucker", "cp", "tt")
 STAGES = ("factorize", "finetune", "export", "quantize", "bench", "evaluate", "report")
 

@@ -9,8 +9,8 @@ from edgecompress import io
 from edgecompress.cli._options import console, err_console, fmt_bytes, fmt_int, model_options
 from edgecompress.cli.factorize_options import factorize_config_from, factorize_options
 from edgecompress.export import ExportConfig, export
+from edgecompress.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "cifar_conv"
 
 
 @click.command("export")
