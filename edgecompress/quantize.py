@@ -209,16 +209,16 @@ def _inputs(model, config: QuantizeConfig, zoo: str | None, plan: Plan, warnings
             inputs.evaluation = calib
             inputs.notes.append("only one sample given: evaluated on the calibration sample, figures are optimistic")
         return inputs
+    evaluation = calibration.random_samples(model, config.eval_samples, eval_seed)
+    if config.random_calib:  # asked for explicitly: wins over a zoo model's own samples
+        _warn(warnings, "calibrating on random inputs (--random-calib): int8 ranges fit noise, not your data")
+        return calibration.Inputs(calibration.random_samples(model, config.calib_samples, config.seed), evaluation,
+                                  "random (--random-calib)", True, [f"calibration seed {config.seed}, evaluation seed {eval_seed}"])
     if zoo:
         return calibration.Inputs(calibration.zoo_samples(zoo, model, config.calib_samples, config.seed),
                                   calibration.zoo_samples(zoo, model, config.eval_samples, eval_seed),
                                   f"zoo model {zoo!r} sample inputs (seeded)", True,
                                   [f"calibration seed {config.seed}, evaluation seed {eval_seed}"])
-    evaluation = calibration.random_samples(model, config.eval_samples, eval_seed)
-    if config.random_calib:
-        _warn(warnings, "calibrating on random inputs (--random-calib): int8 ranges fit noise, not your data")
-        return calibration.Inputs(calibration.random_samples(model, config.calib_samples, config.seed), evaluation,
-                                  "random (--random-calib)", True, [f"calibration seed {config.seed}, evaluation seed {eval_seed}"])
     return calibration.Inputs([], evaluation, "none (dynamic)", True,
                               [f"accuracy measured on random inputs (seed {eval_seed}): give --calib to measure on real data"])
 

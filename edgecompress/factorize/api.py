@@ -84,7 +84,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     for index, (name, layer) in enumerate(candidates):
         if progress:
             progress(name, index, len(candidates))
-        record = _factorize_one(model, name, layer, config)
+        record = _factorize_one(model, name, layer, config, _parent(model, name))
         record.macs_before = macs_before.get(name)
         records.append(record)
     if inputs is not None:
@@ -99,12 +99,23 @@ def _inside_factorized(model: nn.Module, name: str) -> bool:
     return any(isinstance(model.get_submodule(".".join(parts[:i])), FactorizedLayer) for i in range(1, len(parts)))
 
 
-def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: FactorizeConfig) -> LayerRecord:
+# torch modules whose forward reads their children's .weight: a replaced child would break them
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: FactorizeConfig, parent: nn.Module) -> LayerRecord:
     method, spec = config.for_layer(name)
     params = count_params(layer)
     record = LayerRecord(name, type(layer).__name__, "dense", params_before=params, params_after=params)
     if method == "dense":
         record.reason = "kept dense by the config"
+        return record
+    if isinstance(parent, _READS_CHILD_WEIGHTS):
+        record.reason = f"{type(parent).__name__} reads this layer's weight directly (fast path), so it cannot be replaced"
         return record
     decomposer = decomposer_for(method, layer)
     if decomposer is None:

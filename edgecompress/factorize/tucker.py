@@ -1,9 +1,8 @@
 """``tucker``: Tucker-2 of a conv weight (Kim et al., ICLR 2016) -> conv 1x1, core conv k, conv 1x1.
 
 ``W [O, I, *k] ~ G x_0 U_out x_1 U_in`` with orthonormal ``U_out [O, R_out]``, ``U_in [I, R_in]`` and
-core ``G [R_out, R_in, *k]``, computed by HOSVD then a few HOOI sweeps (what tensorly's
-``partial_tucker`` on modes 0 and 1 does, here on the Gram matrices of the unfoldings in float64:
-the same factors, in a fraction of the time). Chain: conv 1x1 (I -> R_in) -> conv k (R_in -> R_out,
+core ``G [R_out, R_in, *k]``, computed by tensorly's ``partial_tucker`` on modes 0 and 1 (HOSVD init,
+then a few HOOI sweeps) with its PyTorch backend, in float64. Chain: conv 1x1 (I -> R_in) -> conv k (R_in -> R_out,
 the original stride/padding/dilation) -> conv 1x1 (R_out -> O, bias): three Conv nodes. Grouped convs
 are factorized per group; a 1x1 conv gets channel SVD; on a Linear ``tucker`` is its SVD.
 
@@ -16,8 +15,10 @@ from __future__ import annotations
 
 import math
 
+import tensorly as tl
 import torch
 import torch.nn as nn
+from tensorly.decomposition import partial_tucker
 
 from edgecompress.factorize.base import SkipLayer
 from edgecompress.factorize.convs import (check_factorizable, one_thread, copy_bias, explicit_pad, grouped_weight,
@@ -44,29 +45,21 @@ def _unfold(w: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def tucker2(w: torch.Tensor, rank_out: int, rank_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Tucker-2 of ``w [g, o, i, *k]`` (float64): (core [g, R_out, R_in, *k], U_out [g, o, R_out],
+    """Tucker-2 of ``w [g, o, i, *k]`` (float64) by tensorly's ``partial_tucker`` on modes 0 and 1 (HOSVD
+    init, a few HOOI sweeps), group by group: (core [g, R_out, R_in, *k], U_out [g, o, R_out],
     U_in [g, i, R_in], relative error)."""
-    u_out = _top_vectors(_unfold(w, 0), rank_out)[1]
-    u_in = _top_vectors(_unfold(w, 1), rank_in)[1]
-    norm2 = float((w * w).sum()) or 1.0
-
-    def project(u_out, u_in):
-        # with orthonormal factors the error is ||W||^2 - ||core||^2: no reconstruction needed
-        core = torch.einsum("goi...,goa,gib->gab...", w, u_out, u_in)
-        return core, max(0.0, 1 - float((core * core).sum()) / norm2) ** 0.5
-
-    core, error = project(u_out, u_in)
-    for _ in range(HOOI_SWEEPS):
-        new_out = _top_vectors(_unfold(torch.einsum("goi...,gib->gob...", w, u_in), 0), rank_out)[1]
-        new_in = _top_vectors(_unfold(torch.einsum("goi...,goa->gai...", w, new_out), 1), rank_in)[1]
-        new_core, new_error = project(new_out, new_in)
-        if new_error > error:
-            break
-        gain, error = error - new_error, new_error
-        core, u_out, u_in = new_core, new_out, new_in
-        if gain < HOOI_TOL:
-            break
-    return core, u_out, u_in, error
+    cores, outs, ins = [], [], []
+    with tl.backend_context("pytorch"):
+        for group in w:
+            (core, (u_out, u_in)), _ = partial_tucker(group, rank=[rank_out, rank_in], modes=[0, 1], init="svd",
+                                                      n_iter_max=HOOI_SWEEPS, tol=HOOI_TOL, svd="truncated_svd")
+            cores.append(core)
+            outs.append(u_out)
+            ins.append(u_in)
+    core = torch.stack(cores)
+    # the factors are orthonormal, so the error is ||W||^2 - ||core||^2: no reconstruction needed
+    error = max(0.0, 1 - float((core * core).sum()) / (float((w * w).sum()) or 1.0)) ** 0.5
+    return core, torch.stack(outs), torch.stack(ins), error
 
 
 def tucker_ranks(spec: RankSpec, w: torch.Tensor) -> tuple[int, int, list[str]]:

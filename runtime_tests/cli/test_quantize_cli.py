@@ -127,8 +127,19 @@ def test_mobile_dynamic_is_refused(model, tmp_path):
 
 
 def test_static_without_data_says_how_to_get_some(model, tmp_path):
+    proto = onnx.load(str(model / "fp32.onnx"))
+    del proto.metadata_props[:]  # not recognisable as a zoo export
+    onnx.save(proto, str(tmp_path / "anon.onnx"))
     out = tmp_path / "o.onnx"
-    _fails(_run("quantize", model / "fp32.onnx", "--int8", "-o", out, "--mode", "static"), 2, "--random-calib", out)
+    _fails(_run("quantize", tmp_path / "anon.onnx", "--int8", "-o", out, "--mode", "static"), 2, "--random-calib", out)
+
+
+def test_zoo_export_calibrates_on_its_own_samples(model, tmp_path):
+    out, report = tmp_path / "o.onnx", tmp_path / "q.json"
+    result = _run("quantize", model / "fp32.onnx", "--int8", "-o", out, "--mode", "static",
+                  "--calib-samples", 2, "--eval-samples", 2, "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "cifar_conv" in json.loads(report.read_text())["calibration"]["source"]
 
 
 def test_random_calibration_warns(model, tmp_path):

@@ -53,4 +53,5 @@ def test_gemm_rewritten_and_convs_left_fp32(dynamic):
 def test_dynamic_accuracy_is_reported(dynamic):
     _, _, report, _ = dynamic
     assert report["sqnr_db"] > 20 and report["top1_agreement"] is not None
-    assert "random inputs" in report["calibration"]["notes"][0]
+    # a zoo export carries its zoo name: accuracy is measured on the model's own held-out sample inputs
+    assert "zoo model" in report["calibration"]["source"]

@@ -184,6 +184,7 @@ def test_tucker_ranks_follow_the_channel_counts_and_energy_per_mode():
 
 
 def test_cp_recovers_a_low_rank_kernel_as_well_as_tensorly():
+    import tensorly as tl
     from tensorly.decomposition import parafac
 
     gen = torch.Generator().manual_seed(0)
@@ -191,8 +192,9 @@ def test_cp_recovers_a_low_rank_kernel_as_well_as_tensorly():
     t = torch.einsum("or,ir,hr,wr->oihw", *factors)
     t = t + 1e-3 * t.norm() / math.sqrt(t.numel()) * torch.randn(t.shape, generator=gen)
     ours = cp_module.cp_als(t, 4, max_iterations=200, tolerance=1e-9)
-    cp_tl = parafac(t.double().numpy(), 4, init="svd", normalize_factors=True, n_iter_max=200, tol=1e-10)
-    theirs = float(np.linalg.norm(cp_tl.to_tensor() - t.double().numpy()) / np.linalg.norm(t.double().numpy()))
+    with tl.backend_context("numpy"):  # tltorch, imported by other tests, switches the global backend to pytorch
+        cp_tl = parafac(t.double().numpy(), 4, init="svd", normalize_factors=True, n_iter_max=200, tol=1e-10)
+        theirs = float(np.linalg.norm(cp_tl.to_tensor() - t.double().numpy()) / np.linalg.norm(t.double().numpy()))
     assert ours.error < 5e-3
     assert ours.error <= theirs * 1.05 + 1e-6
     torch.testing.assert_close(ours.rebuild(), t, atol=1e-2 * float(t.abs().max()), rtol=0)
@@ -243,3 +245,16 @@ def test_svd_of_a_wide_matrix_is_optimal_and_balanced():
     assert relative_error(matrix, module.dense_weight()) == pytest.approx(optimal, rel=1e-4)
     # sqrt(s) in each factor: the two factors' row/column norms agree
     torch.testing.assert_close(module.first.weight.norm(dim=1), module.second.weight.norm(dim=0), rtol=1e-4, atol=1e-6)
+
+
+def test_torch_transformer_layers_are_left_dense_with_the_reason():
+    from edgecompress.factorize import FactorizeConfig, factorize
+
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    model, report = factorize(layer, FactorizeConfig(method="svd", ratio=2, rank_multiple=1))
+    records = {r.name: r for r in report.layers}
+    assert records["self_attn.out_proj"].method == "dense"
+    assert "MultiheadAttention" in records["self_attn.out_proj"].reason
+    assert records["linear1"].method == "dense" and "TransformerEncoderLayer" in records["linear1"].reason
+    torch.testing.assert_close(model(x), layer(x))
