@@ -3,8 +3,9 @@
 ``RankSpec`` is what the user asked for; the helpers here turn it into ranks for one layer.
 Rounding: onnxruntime's CPU convolutions work on blocks of 8/16 channels (docs/methods.md), so a
 rank is paid for up to the next block. An explicit ``rank`` or an ``energy`` rank is rounded *up* to
-``multiple`` (free accuracy); a ``ratio`` rank is rounded *down* to ``multiple`` when that is
-possible, because the ratio is the contract the user asked for (and rounding down may gain speed).
+``multiple`` (free accuracy); a ``ratio`` rank is rounded *down* to ``multiple`` when that keeps at
+least 80% of it, because the ratio is the contract the user asked for (and rounding down may gain
+speed); a smaller rank stays as it is rather than overshoot the ratio.
 Neither ever exceeds the layer's maximum rank.
 """
 
@@ -55,9 +56,16 @@ def round_up(rank: int, multiple: int, max_rank: int) -> int:
     return max(1, min(max_rank, math.ceil(rank / multiple) * multiple))
 
 
+# rounding a ratio rank down to the block must not throw away more than this share of it
+ROUND_DOWN_KEEP = 0.8
+
+
 def round_down(rank: int, multiple: int, max_rank: int) -> int:
+    """``rank`` rounded down to ``multiple``, unless that would drop more than a fifth of it (rank 14
+    with multiple 8 stays 14: rank 8 would nearly double the compression asked for)."""
     rank = min(rank, max_rank)
-    return rank if rank < multiple else rank // multiple * multiple
+    rounded = rank // multiple * multiple
+    return rounded if rounded >= ROUND_DOWN_KEEP * rank else rank
 
 
 def energy_rank(singular_values: np.ndarray, energy: float) -> int:
