@@ -67,15 +67,15 @@ def say(message: str) -> None:
 
 def int8_adapter():
     """(fn(src, dst, zoo_name), None) when edgecompress.quantize is importable, else (None, reason).
-    int8 here is static QDQ, per-channel, calibrated on the zoo model's seeded sample inputs: the CPU
-    default when data is given (dynamic int8 would leave every Conv in fp32, docs/measured.md)."""
+    int8 here is quantize's CPU default, calibrated on the zoo model's seeded sample inputs: static QDQ
+    (uint8 activations, int8 per-channel weights) for conv nets, dynamic for Linear-only models."""
     try:
         from edgecompress.quantize import QuantizeConfig, quantize
     except ImportError as exc:
         return None, f"edgecompress.quantize cannot be imported ({exc}); int8 variants skipped"
 
     def run(src, dst, zoo_name):
-        config = QuantizeConfig(mode="static", zoo_model=zoo_name, compare_balance=False)
+        config = QuantizeConfig(zoo_model=zoo_name, compare_balance=False)
         return quantize(str(src), str(dst), config)
 
     return run, None

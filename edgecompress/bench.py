@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from edgecompress import profile as prof
-from edgecompress import runtime
+from edgecompress import io, runtime
 from edgecompress.errors import ConfigError, LoadError
 
 log = logging.getLogger(__name__)
@@ -288,13 +288,7 @@ def _agreement(loaded: list[_Model], base: int, config: BenchConfig, results: di
 
 def load_data(path: str | Path, inputs: list[onnx.ValueInfoProto]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Inputs by name (cast to the model's dtypes) and optional 'labels' from an .npz file."""
-    try:
-        with np.load(path) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise LoadError(f"data file {str(path)!r} does not exist") from None
-    except Exception as exc:
-        raise LoadError(f"{str(path)!r} is not a readable .npz file: {type(exc).__name__}") from None
+    arrays = io.read_npz(path)
     labels = arrays.pop("labels", None)
     names = [i.name for i in inputs]
     if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:

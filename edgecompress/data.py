@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgecompress.errors import ConfigError, LoadError
+from edgecompress import io
+from edgecompress.errors import ConfigError
 from edgecompress.loading import DTYPES, InputSpec
 
 _TRAIN_KEYS = ("train_inputs", "train_labels")
@@ -61,13 +62,7 @@ def default_data(model_name: str) -> RunData | None:
 
 def load_data(path: str | Path, spec: InputSpec) -> RunData:
     """Read a ``--data`` file and check it against the model's input ``spec``."""
-    try:
-        with np.load(path) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise LoadError(f"data file {str(path)!r} does not exist") from None
-    except Exception as exc:
-        raise LoadError(f"{str(path)!r} is not a readable .npz file: {type(exc).__name__}") from None
+    arrays = io.read_npz(path)
     labels = arrays.pop("labels", None)
     train = {k: arrays.pop(k) for k in _TRAIN_KEYS if k in arrays}
     if len(arrays) != 1:

@@ -1,4 +1,5 @@
-"""Writing output files atomically: a file is either complete or absent, never half-written."""
+"""Files in and out: output written atomically (complete or absent, never half-written), and the
+.npz data files that several commands read."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgecompress.errors import EdgeCompressError
+from edgecompress.errors import EdgeCompressError, LoadError
 
 
 def ensure_writable(path: str | os.PathLike) -> Path:
@@ -75,3 +76,16 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, Any]:
+    """The arrays of an .npz file by name (never unpickling objects), with one-line errors."""
+    try:
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise LoadError(f"{what} {os.fspath(path)!r} does not exist") from None
+    except Exception as exc:  # zipfile, numpy and OS errors all mean the same to the user
+        raise LoadError(f"{what} {os.fspath(path)!r} is not a readable .npz file: {type(exc).__name__}") from None

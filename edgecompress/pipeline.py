@@ -361,9 +361,10 @@ def _fmt(ratio: float) -> str:
 
 def quantize_int8(in_path: str | Path, out_path: str | Path, calib: np.ndarray, provider: str = "cpu",
                   eval_samples: int = 8) -> dict:
-    """Adapter over ``edgecompress.quantize``: static int8 QDQ (per-channel) calibrated on ``calib``
-    (its last ``eval_samples`` rows are held out for quantize's own SQNR check). A missing module is
-    an error with that reason, so that only the int8 variants fail."""
+    """Adapter over ``edgecompress.quantize`` with the target's default mode (CPU: static QDQ for conv
+    nets, dynamic for Linear-only models) calibrated on ``calib`` (its last ``eval_samples`` rows are held
+    out for quantize's own SQNR check). A missing module is an error with that reason, so that only the
+    int8 variants fail."""
     try:
         from edgecompress.quantize import QuantizeConfig, quantize
     except ImportError as exc:
@@ -379,6 +380,6 @@ def quantize_int8(in_path: str | Path, out_path: str | Path, calib: np.ndarray, 
     with tempfile.TemporaryDirectory(prefix="edgecompress-run-") as tmp:
         calib_file = Path(tmp) / "calib.npz"
         np.savez(calib_file, **{name: calib})
-        config = QuantizeConfig(mode="static", calib=str(calib_file), calib_samples=max(1, len(calib) - eval_samples),
+        config = QuantizeConfig(calib=str(calib_file), calib_samples=max(1, len(calib) - eval_samples),
                                 eval_samples=eval_samples, target=target, compare_balance=False)
         return quantize(in_path, out_path, config)

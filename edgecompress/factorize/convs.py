@@ -10,9 +10,7 @@ padding commutes with the bias-free 1x1 and per-axis steps around it, so the cha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 
 import torch
 import torch.nn as nn
@@ -21,29 +19,6 @@ from edgecompress.factorize.base import SkipLayer
 from edgecompress.factorize.layers import Pad
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d}
-
-
-def one_thread(fn):
-    """Run a decomposer on one torch thread (restored after). Measured on the shared 2-core machine:
-    two threads spent 8x the CPU time of one (OpenMP workers spinning while descheduled), so
-    resnet18's decomposition took minutes instead of seconds; unloaded, one thread costs < 2x."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _threads(1):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@contextlib.contextmanager
-def _threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclasses.dataclass(frozen=True)

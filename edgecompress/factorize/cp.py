@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
-from edgecompress.factorize.base import SkipLayer
-from edgecompress.factorize.convs import (check_factorizable, one_thread, copy_bias, explicit_pad, grouped_weight,
+from edgecompress.factorize.base import SkipLayer, one_thread
+from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import CPConv
 from edgecompress.factorize.ranks import RankSpec, energy_rank, round_down, round_up, single_rank
@@ -200,7 +200,7 @@ def _decompose_groups(w: torch.Tensor, rank: int, notes: list[str]) -> list[CPRe
 
 
 @register("cp", nn.Conv1d, nn.Conv2d)
-@one_thread
+@one_thread()
 def cp_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
     geo = check_factorizable(layer)
     if geo.pointwise:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from edgecompress.factorize.base import SkipLayer
-from edgecompress.factorize.convs import (check_factorizable, one_thread, copy_bias, explicit_pad, grouped_weight,
+from edgecompress.factorize.base import SkipLayer, one_thread
+from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import ChannelSVDConv, LowRankLinear, SpatialSVDConv
 from edgecompress.factorize.ranks import RankSpec, single_rank
@@ -85,7 +85,7 @@ def truncated_svd(matrix: torch.Tensor, spec: RankSpec) -> tuple[torch.Tensor, t
 
 
 @register("svd", nn.Linear)
-@one_thread
+@one_thread()
 def svd_linear(layer: nn.Linear, spec: RankSpec, method: str = "svd") -> Decomposition:
     a, b, notes = truncated_svd(layer.weight, spec)
     rank = a.shape[1]
@@ -106,7 +106,7 @@ def delegate_linear(layer: nn.Linear, spec: RankSpec, method: str) -> Decomposit
 
 
 @register("svd", nn.Conv1d, nn.Conv2d)
-@one_thread
+@one_thread()
 def svd_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
     """Channel SVD: conv k (I -> r per group) then conv 1x1 (r -> O, bias)."""
     geo = check_factorizable(layer)
@@ -132,7 +132,7 @@ def delegate_pointwise(layer: nn.Module, spec: RankSpec, method: str) -> Decompo
 
 
 @register("svd-spatial", nn.Conv2d)
-@one_thread
+@one_thread()
 def svd_spatial_conv(layer: nn.Conv2d, spec: RankSpec) -> Decomposition:
     """Spatial SVD: conv kh x 1 (I -> r per group) then conv 1 x kw (r -> O, bias)."""
     geo = check_factorizable(layer)

@@ -10,13 +10,12 @@ to the multiple, a ``rank`` or ``energy`` rank up.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
-from edgecompress.factorize.base import SkipLayer
+from edgecompress.factorize.base import SkipLayer, one_thread
 from edgecompress.factorize.ranks import RankSpec, energy_rank, largest_rank_within, round_down, round_up
 
 _PAD_SLACK = 1.25  # a size is padded by at most 25% to find balanced modes
@@ -136,25 +135,13 @@ def left_singular(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = mat.shape
     if m <= n:
         gram = mat @ mat.t()
-        with _one_thread():
+        with one_thread():
             values, vectors = torch.linalg.eigh(gram)
         return vectors.flip(1), values.flip(0).clamp_min(0).sqrt()
-    with _one_thread():
+    with one_thread():
         q, r = torch.linalg.qr(mat)
         u, s, _ = torch.linalg.svd(r)
     return q @ u, s
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """MKL's multi-threaded LAPACK on these small matrices is 40x slower than one thread when the
-    cores are busy (measured: eigh of 576x576 in 0.09 s on 1 thread, 4.1 s on 2 under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tt_full(cores: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from tensorly.decomposition import partial_tucker
 
-from edgecompress.factorize.base import SkipLayer
-from edgecompress.factorize.convs import (check_factorizable, one_thread, copy_bias, explicit_pad, grouped_weight,
+from edgecompress.factorize.base import SkipLayer, one_thread
+from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import TuckerConv
 from edgecompress.factorize.ranks import RankSpec, energy_rank, round_down, round_up
@@ -103,7 +103,7 @@ def tucker_ranks(spec: RankSpec, w: torch.Tensor) -> tuple[int, int, list[str]]:
 
 
 @register("tucker", nn.Conv1d, nn.Conv2d)
-@one_thread
+@one_thread()
 def tucker_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
     geo = check_factorizable(layer)
     if geo.pointwise:
