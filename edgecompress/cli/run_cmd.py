@@ -42,7 +42,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--methods", default=None, metavar="M1,M2",
               help="Factorization methods, comma-separated. Default: svd,tucker,cp,tt (those installed).")
 @click.option("--ratio", "ratios", type=float, multiple=True, help="Per-layer parameter compression (repeatable). Default: 2 and 4.")
-@click.option("--int8/--no-int8", default=True, show_default=True, help="Also quantize every variant to int8 (static QDQ).")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also quantize every variant to int8 (the provider's default: on CPU static QDQ for conv nets, dynamic for Linear-only models).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help=".npz with the inputs (and optional labels, train_inputs, train_labels). Default for the bundled model: its held-out set.")
 @click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider for bench and evaluation.")
