@@ -31,6 +31,7 @@ from edgecompress.bench import BenchConfig, bench  # noqa: E402
 from edgecompress.errors import EdgeCompressError  # noqa: E402
 from edgecompress.export import export  # noqa: E402
 from edgecompress.factorize import FactorizeConfig, methods  # noqa: E402
+from edgecompress.quantize import QuantizeConfig, quantize  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "cifar_conv", "text_classifier")
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,20 +66,11 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def int8_adapter():
-    """(fn(src, dst, zoo_name), None) when edgecompress.quantize is importable, else (None, reason).
-    int8 here is quantize's CPU default, calibrated on the zoo model's seeded sample inputs: static QDQ
-    (uint8 activations, int8 per-channel weights) for conv nets, dynamic for Linear-only models."""
-    try:
-        from edgecompress.quantize import QuantizeConfig, quantize
-    except ImportError as exc:
-        return None, f"edgecompress.quantize cannot be imported ({exc}); int8 variants skipped"
-
-    def run(src, dst, zoo_name):
-        config = QuantizeConfig(zoo_model=zoo_name, compare_balance=False)
-        return quantize(str(src), str(dst), config)
-
-    return run, None
+def quantize_int8(src, dst, zoo_name):
+    """quantize's CPU default, calibrated on the zoo model's seeded sample inputs: static QDQ (uint8
+    activations, int8 per-channel weights) for conv nets, dynamic for Linear-only models."""
+    config = QuantizeConfig(zoo_model=zoo_name, compare_balance=False)
+    return quantize(str(src), str(dst), config)
 
 
 def build_variants(model: str, args, work: Path) -> tuple[list[dict], list[dict]]:
@@ -107,16 +99,15 @@ def build_variants(model: str, args, work: Path) -> tuple[list[dict], list[dict]
                 continue
             say(f"{model}: exported {name} in {time.perf_counter() - t0:.1f}s")
             ok.append({"variant": name, "method": method, "ratio": ratio, "int8": False, "path": path})
-    quantize, reason = (None, "--no-int8") if args.no_int8 else int8_adapter()
     for fp32 in list(ok):
         name = f"{fp32['variant']}-int8"
-        if quantize is None or over():
-            failed.append({"variant": name, "reason": reason or f"skipped: past --budget-minutes {args.budget_minutes:g}"})
+        if args.no_int8 or over():
+            failed.append({"variant": name, "reason": "--no-int8" if args.no_int8 else f"skipped: past --budget-minutes {args.budget_minutes:g}"})
             continue
         path = work / f"{model}.{name}.onnx"
         try:
-            quantize(fp32["path"], path, model)
-        except Exception as exc:  # another helper's module: report any failure as this variant's reason
+            quantize_int8(fp32["path"], path, model)
+        except Exception as exc:  # a failure of one variant is reported with its reason, the others go on
             failed.append({"variant": name, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
             continue
         ok.append({**fp32, "variant": name, "int8": True, "path": path})

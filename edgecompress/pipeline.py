@@ -361,15 +361,12 @@ def _fmt(ratio: float) -> str:
 
 def quantize_int8(in_path: str | Path, out_path: str | Path, calib: np.ndarray, provider: str = "cpu",
                   eval_samples: int = 8) -> dict:
-    """Adapter over ``edgecompress.quantize`` with the target's default mode (CPU: static QDQ for conv
-    nets, dynamic for Linear-only models) calibrated on ``calib`` (its last ``eval_samples`` rows are held
-    out for quantize's own SQNR check). A missing module is an error with that reason, so that only the
-    int8 variants fail."""
-    try:
-        from edgecompress.quantize import QuantizeConfig, quantize
-    except ImportError as exc:
-        raise EdgeCompressError(f"int8 is not available: edgecompress.quantize cannot be imported ({exc})") from None
+    """``edgecompress.quantize`` with the target's default mode (CPU: static QDQ for conv nets, dynamic
+    for Linear-only models) calibrated on ``calib`` (its last ``eval_samples`` rows are held out for
+    quantize's own SQNR check)."""
     import tempfile
+
+    from edgecompress.quantize import QuantizeConfig, quantize
 
     import onnx
 
