@@ -164,15 +164,22 @@ def _vocab_size(model: onnx.ModelProto, name: str) -> int:
     raise ConfigError(f"cannot make random ids for integer input {name!r}: no embedding table found; give --calib")
 
 
-def zoo_samples(name: str, model: onnx.ModelProto, count: int, seed: int) -> list[Sample]:
-    """The zoo entry's own sample inputs (``loading.sample_inputs``), fed to the ONNX input names."""
+def zoo_samples(name: str, model: onnx.ModelProto, count: int, seed: int, held_out: bool = False) -> list[Sample]:
+    """The zoo entry's own sample inputs, fed to the ONNX input names: real data where the entry ships
+    some (calibration from its training split, evaluation from its held-out split), else seeded
+    ``loading.sample_inputs``."""
     from edgecompress.loading import load_model, sample_inputs
+    from edgecompress.models import get_spec
 
-    loaded = load_model(name)
     infos = model_inputs(model)
     if len(infos) != 1:
         raise ConfigError(f"zoo model {name!r} gives one input, but the ONNX model takes {len(infos)}")
-    tensors = sample_inputs(loaded.module, loaded.input_spec, count, seed)
+    spec = get_spec(name)
+    if spec.samples is not None:
+        tensors = [x.unsqueeze(0) for x in spec.samples(count, seed, held_out)]
+    else:
+        loaded = load_model(name)
+        tensors = sample_inputs(loaded.module, loaded.input_spec, count, seed)
     arrays = {infos[0].name: np.stack([t.numpy() for t in tensors])}
     return split_samples(arrays, infos, f"zoo model {name!r} sample inputs")
 

@@ -202,6 +202,14 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str, in
     return proto, name, size
 
 
+def _zoo_source(zoo: str) -> str:
+    from edgecompress.models import get_spec
+
+    if get_spec(zoo).samples is not None:
+        return f"zoo model {zoo!r} shipped data (training split calibrates, held-out split evaluates)"
+    return f"zoo model {zoo!r} sample inputs (seeded)"
+
+
 def _zoo_name(model: onnx.ModelProto) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == ZOO_METADATA_KEY), None)
 
@@ -223,8 +231,8 @@ def _inputs(model, config: QuantizeConfig, zoo: str | None, plan: Plan, warnings
                                   "random (--random-calib)", True, [f"calibration seed {config.seed}, evaluation seed {eval_seed}"])
     if zoo:
         return calibration.Inputs(calibration.zoo_samples(zoo, model, config.calib_samples, config.seed),
-                                  calibration.zoo_samples(zoo, model, config.eval_samples, eval_seed),
-                                  f"zoo model {zoo!r} sample inputs (seeded)", True,
+                                  calibration.zoo_samples(zoo, model, config.eval_samples, eval_seed, held_out=True),
+                                  _zoo_source(zoo), True,
                                   [f"calibration seed {config.seed}, evaluation seed {eval_seed}"])
     return calibration.Inputs([], evaluation, "none (dynamic)", True,
                               [f"accuracy measured on random inputs (seed {eval_seed}): give --calib to measure on real data"])

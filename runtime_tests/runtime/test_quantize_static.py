@@ -91,3 +91,10 @@ def test_per_layer_errors_cover_the_weight_nodes(quantized):
     assert len(layers) == report["coverage"]["weight_nodes"]
     assert layers == sorted(layers, key=lambda r: r["local_error"], reverse=True)
     assert all(0 <= r["local_error"] <= r["rel_error"] + 1e-9 for r in layers)
+
+
+def test_zoo_model_with_shipped_data_calibrates_on_it(tmp_path):
+    export("digits_cnn", tmp_path / "d.onnx")
+    report = quantize(tmp_path / "d.onnx", tmp_path / "d8.onnx", QuantizeConfig(calib_samples=16, eval_samples=16))
+    assert "shipped data" in report["calibration"]["source"]
+    assert report["mode"] == "static" and report["top1_agreement"] >= 0.9 and report["sqnr_db"] >= 25
