@@ -61,8 +61,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def to_json(obj: Any) -> str:
+    """JSON text of a report: numpy values, dataclasses and paths included."""
+    return json.dumps(obj, indent=2, default=_json_default)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return write_text(path, to_json(obj) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

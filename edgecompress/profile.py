@@ -64,7 +64,7 @@ class ProfileResult:
 def profile(model: onnx.ModelProto, provider: str, threads: int, feeds: Mapping[str, np.ndarray],
             runs: int = 10) -> ProfileResult:
     """Run ``model`` ``runs`` times in a profiled session and attribute node time to layers."""
-    ort = runtime._ort()
+    ort = runtime.ort_module()
     with tempfile.TemporaryDirectory(prefix="edgecompress-prof-") as tmp:
         options = runtime.session_options(threads, profile_prefix=os.path.join(tmp, "p"))
         # the optimized graph tells which layer an inserted node (layout reorder, copy) sits next to

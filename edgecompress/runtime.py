@@ -35,7 +35,8 @@ _INSTALL_HINT = {
 }
 
 
-def _ort():
+def ort_module():
+    """The onnxruntime module, or a clear error saying how to install it."""
     try:
         import onnxruntime
     except ImportError:
@@ -48,7 +49,7 @@ def _ort():
 def available_providers() -> list[str]:
     """Short names of the providers this onnxruntime build has (e.g. ['cpu'])."""
     long_to_short = {v: k for k, v in PROVIDERS.items()}
-    return [long_to_short.get(p, p) for p in _ort().get_available_providers() if p != "AzureExecutionProvider"]
+    return [long_to_short.get(p, p) for p in ort_module().get_available_providers() if p != "AzureExecutionProvider"]
 
 
 def resolve_provider(name: str) -> str:
@@ -57,7 +58,7 @@ def resolve_provider(name: str) -> str:
     long_name = PROVIDERS.get(key, name)
     if long_name not in PROVIDERS.values() and not name.endswith("ExecutionProvider"):
         raise ConfigError(f"unknown provider {name!r}: use one of {', '.join(PROVIDERS)}")
-    if long_name not in _ort().get_available_providers():
+    if long_name not in ort_module().get_available_providers():
         hint = _INSTALL_HINT.get(key, "install an onnxruntime build that has it")
         raise ProviderUnavailableError(
             f"provider {name!r} is not available in this onnxruntime; available: "
@@ -69,7 +70,7 @@ def resolve_provider(name: str) -> str:
 def session_options(threads: int | None = None, sequential: bool = True, spinning: bool = False, profile_prefix: str | None = None):
     """Session options for timing: fixed intra-op threads, spin-waiting off by default so that
     sessions interleaved in one process do not steal each other's cores (docs/measured.md)."""
-    ort = _ort()
+    ort = ort_module()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
@@ -86,7 +87,7 @@ def session_options(threads: int | None = None, sequential: bool = True, spinnin
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu", threads: int | None = None, **options):
     """An InferenceSession on ``provider``; ``model`` is a path or an in-memory ModelProto."""
-    ort = _ort()
+    ort = ort_module()
     providers = [resolve_provider(provider)]
     if providers[0] != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 from rich import box
@@ -12,7 +11,7 @@ from rich.table import Table
 from edgecompress.cli._options import console, err_console, fmt_int, model_options
 from edgecompress.cli.factorize_options import factorize_config_from, factorize_options
 from edgecompress.errors import ConfigError
-from edgecompress.io import _json_default
+from edgecompress.io import to_json
 
 
 @click.command("plan")
@@ -34,7 +33,7 @@ def command(model, weights, input_shape, input_dtype, as_json, **fopts):
         report = plan(model, config, weights, input_shape, input_dtype,
                       progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"))
     if as_json:
-        click.echo(json.dumps({"model": model, **report.to_dict()}, indent=2, default=_json_default))
+        click.echo(to_json({"model": model, **report.to_dict()}))
         return
     # piped output gets rich's default 80 columns, which would truncate every column: widen it
     out = console if console.is_terminal else Console(width=160, highlight=False)
