@@ -59,6 +59,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+BUILD_SEED = 0
+
+
 def load_model(
     model: str,
     weights: str | Path | None = None,
@@ -80,6 +83,14 @@ def load_model(
 
 
 def _build(model: str) -> tuple[nn.Module, InputSpec | None]:
+    # Built under a fixed seed (the global RNG left as it was): a zoo model without trained weights,
+    # or a factory's random init, is the same model on every run, so its exports and figures repeat.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILD_SEED)
+        return _build_unseeded(model)
+
+
+def _build_unseeded(model: str) -> tuple[nn.Module, InputSpec | None]:
     if ":" not in model:
         spec = zoo.get_spec(model)  # UnknownNameError suggests close names
         return spec.factory(), InputSpec(spec.input_shape, spec.input_dtype)

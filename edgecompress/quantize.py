@@ -174,7 +174,7 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
                 q_model = _run_ort(variant_fp32, plan, config, inputs, exclude + fp32_layers, Path(tmp))
                 metrics = accuracy.output_metrics(reference, accuracy.run(q_model, inputs.evaluation))
                 layers = accuracy.layer_errors(variant_fp32, q_model, inputs.evaluation)
-    saved = qgraph.compact_names(q_model, variant_fp32)
+    saved = qgraph.compact(q_model, variant_fp32)
     data = q_model.SerializeToString()
     io.write_bytes(out, data)
     return {
@@ -185,7 +185,7 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
         "bytes_before": bytes_before, "bytes_after": len(data), "compression": bytes_before / len(data),
         **{k: metrics[k] for k in ("sqnr_db", "max_abs_diff", "rel_error", "top1_agreement")},
         "layers": layers, "balance": balance_info, "fp32_layers": fp32_layers, "excluded": exclude,
-        "gemm_rewritten": gemms, "bytes_saved_by_short_names": saved, "coverage": qgraph.coverage(variant_fp32, q_model),
+        "gemm_rewritten": gemms, "bytes_saved": saved, "coverage": qgraph.coverage(variant_fp32, q_model),
         "op_counts": dict(sorted(Counter(n.op_type for n in q_model.graph.node).items())),
         "warnings": warnings, "config": config.to_dict(), "seconds": round(time.perf_counter() - start, 3),
     }

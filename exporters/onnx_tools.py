@@ -28,6 +28,8 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     attention into the ``com.microsoft::Attention`` contrib op and renames fused nodes, which would
     make the graph unportable to mobile runtimes and lose our ``module/method/k`` node names.
     onnxruntime applies its own fusions when it loads the model, per provider.
+    onnxsim's own record (some twenty ``onnxsim.*`` metadata keys, most of them empty) becomes a
+    single ``onnxsim`` key with its version: 0.7 KB that a 100 KB int8 model would otherwise carry.
     """
     import onnxsim
 
@@ -39,6 +41,8 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     if not ok:
         log.warning("onnxsim's check failed, keeping the unsimplified graph")
         return model, False
+    props = {p.key: p.value for p in simplified.metadata_props if not p.key.startswith("onnxsim.")}
+    onnx.helper.set_model_props(simplified, {**props, "onnxsim": onnxsim.__version__.lstrip("v")})
     return simplified, True
 
 
