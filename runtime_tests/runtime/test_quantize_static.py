@@ -9,12 +9,10 @@ import pytest
 
 from edgecompress.equalize import find_chains
 from edgecompress.export import export
-from edgecompress.factorize import FactorizeConfig, methods
+from edgecompress.factorize import FactorizeConfig
 from edgecompress.quantize import QuantizeConfig, quantize
 
-# tucker for the convs once it is registered; until then SVD on the Linear layers
-METHOD = "tucker" if "tucker" in methods() else "svd"
-CASES = [("cifar_conv", None), ("cifar_conv", METHOD), ("resnet18_cifar", None), ("resnet18_cifar", METHOD)]
+CASES = [(model, method) for model in ("cifar_conv", "resnet18_cifar") for method in (None, "tucker", "svd")]
 
 
 def _calib(path, count=8, seed=0):
