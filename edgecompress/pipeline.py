@@ -37,7 +37,7 @@ STAGES = ("factorize", "finetune", "export", "quantize", "bench", "evaluate", "r
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """``methods`` None: every registered method of DEFAULT_METHODS; layers with fewer than
-    ``min_layer_params`` parameters stay dense (factorizing them saves nothing worth the error)."""
+    ``min_params`` parameters stay dense (factorizing them saves nothing worth the error)."""
 
     methods: tuple[str, ...] | None = None
     ratios: tuple[float, ...] = (2.0, 4.0)
@@ -51,7 +51,7 @@ class RunConfig:
     bench_warmup: int = 3
     profile: bool = False
     rank_multiple: int = 8
-    min_layer_params: int = 4096
+    min_params: int = 4096
     calib_samples: int = 64
     eval_samples: int | None = None
     seed: int = 0
@@ -72,6 +72,8 @@ class RunConfig:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ConfigError(f"eval samples must be at least 1, got {self.eval_samples}")
+        if self.min_params < 0:
+            raise ConfigError(f"--min-params must be at least 0, got {self.min_params}")
 
     def method_list(self) -> list[str]:
         """The methods asked for; None means every default method that is registered here."""
@@ -152,8 +154,6 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
     dense_params, dense_macs = count_params(dense), count_macs(dense, samples[:1])[0]
     report.variants.append(Variant(name="dense", method="dense", params=dense_params, macs=dense_macs, compression=1.0))
     modules = {"dense": dense}
-    small = tuple(name for name, m in dense.named_modules() if name and not list(m.children())
-                  and 0 < count_params(m) < config.min_layer_params)
     jobs = [(m, r) for m in config.method_list() for r in config.ratios]
     progress.start("factorize", len(jobs))
     for method, ratio in jobs:
@@ -162,15 +162,15 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
         progress.advance("factorize", variant.name)
         t0 = time.perf_counter()
         try:
-            fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple, exclude=small)
+            fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple,
+                                      min_params=config.min_params)
             module, frep = factorize(dense, fconfig, samples[:1])
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue
         variant.layers = [r.to_dict() for r in frep.layers]
         if not frep.factorized:
-            reasons = sorted({r.reason for r in frep.layers if r.reason}) or [
-                f"no layer of a type it handles{' among those with >= %d parameters' % config.min_layer_params if small else ''}"]
+            reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
             _fail(variant, "factorize", f"method {method!r} factorized no layer: {'; '.join(reasons)}")
             continue
         variant.params, variant.macs = count_params(module), count_macs(module, samples[:1])[0]

@@ -10,7 +10,7 @@ from edgecompress.errors import ConfigError
 
 
 def factorize_options(func):
-    """--method, --rank/--ratio/--energy, --rank-multiple, --include/--exclude, --config."""
+    """--method, --rank/--ratio/--energy, --rank-multiple, --min-params, --include/--exclude, --config."""
 
     @click.option("--method", default=None, metavar="METHOD",
                   help="Factorization method: svd, svd-spatial, tucker, cp, tt, tt-naive. Default: none (dense export).")
@@ -18,6 +18,8 @@ def factorize_options(func):
     @click.option("--ratio", type=float, default=None, help="Parameter compression per layer, above 1 (default 2).")
     @click.option("--energy", type=float, default=None, help="Fraction of singular-value energy kept per mode, in (0, 1].")
     @click.option("--rank-multiple", type=int, default=None, help="Round ranks to a multiple of this (default 8).")
+    @click.option("--min-params", type=int, default=None,
+                  help="Keep layers with fewer parameters dense (listed with the reason). Default 0.")
     @click.option("--include", multiple=True, metavar="PATTERN", help="Only layers whose path matches (repeatable).")
     @click.option("--exclude", multiple=True, metavar="PATTERN", help="Skip layers whose path matches (repeatable).")
     @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -29,18 +31,19 @@ def factorize_options(func):
     return wrapper
 
 
-def factorize_config_from(method, rank, ratio, energy, rank_multiple, include, exclude, config_file):
+def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params, include, exclude, config_file):
     """A FactorizeConfig from the options, or None when nothing asks for factorization."""
     from edgecompress.factorize import FactorizeConfig, read_config_file
 
     fields = read_config_file(config_file) if config_file else {}
     if method is None and "method" not in fields:
-        if any(v is not None for v in (rank, ratio, energy)) or include or exclude:
-            raise ConfigError("--rank/--ratio/--energy/--include/--exclude need --method (svd, tucker, cp, tt, ...)")
+        if any(v is not None for v in (rank, ratio, energy, min_params)) or include or exclude:
+            raise ConfigError("--rank/--ratio/--energy/--min-params/--include/--exclude need --method (svd, tucker, cp, tt, ...)")
         return None
     if sum(v is not None for v in (rank, ratio, energy)):
         fields.update(rank=None, ratio=None, energy=None)
-    explicit = {"method": method, "rank": rank, "ratio": ratio, "energy": energy, "rank_multiple": rank_multiple}
+    explicit = {"method": method, "rank": rank, "ratio": ratio, "energy": energy, "rank_multiple": rank_multiple,
+                "min_params": min_params}
     fields.update({k: v for k, v in explicit.items() if v is not None})
     if include:
         fields["include"] = tuple(include)

@@ -114,6 +114,9 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
     if method == "dense":
         record.reason = "kept dense by the config"
         return record
+    if params < config.min_params:
+        record.reason = f"below the size floor of {config.min_params} parameters (--min-params): too small to pay off"
+        return record
     if isinstance(parent, _READS_CHILD_WEIGHTS):
         record.reason = f"{type(parent).__name__} reads this layer's weight directly (fast path), so it cannot be replaced"
         return record

@@ -31,6 +31,7 @@ class FactorizeConfig:
     ratio: float | None = None
     energy: float | None = None
     rank_multiple: int = 8
+    min_params: int = 0  # layers with fewer parameters stay dense (recorded with the reason)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -39,6 +40,8 @@ class FactorizeConfig:
         from edgecompress.factorize.registry import check_method
 
         check_method(self.method)
+        if int(self.min_params) != self.min_params or self.min_params < 0:
+            raise ConfigError(f"min params must be a whole number >= 0, got {self.min_params}")
         self.rank_spec()  # validates rank / ratio / energy / multiple
         for pattern, settings in self.overrides:
             unknown = set(settings) - _LAYER_KEYS
@@ -87,7 +90,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     layers = data.pop("layers", {})
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise ConfigError(f"config file {str(path)!r}: 'layers' must map patterns to tables of settings")
-    allowed = _LAYER_KEYS | {"include", "exclude"}
+    allowed = _LAYER_KEYS | {"include", "exclude", "min_params"}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"config file {str(path)!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'layers'})}")

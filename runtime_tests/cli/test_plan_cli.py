@@ -53,6 +53,17 @@ def test_plan_reports_dense_layers_with_the_reason(runner):
     assert dense and all(r["reason"] for r in dense)
 
 
+def test_plan_keeps_layers_below_min_params_dense_and_lists_them(runner):
+    # cifar_conv: the 3-channel stem features.0 (1.8k parameters) is below the floor, features.4 (74k) above it
+    result = runner.invoke(main, ["plan", "cifar_conv", "--method", "tucker", "--ratio", "4", "--min-params", "4096",
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    by_name = {r["name"]: r for r in json.loads(result.output)["layers"]}
+    first = by_name["features.0"]
+    assert first["params_before"] < 4096 and first["method"] == "dense" and "floor of 4096" in first["reason"]
+    assert by_name["features.4"]["method"] == "tucker"
+
+
 def test_plan_needs_a_method(runner):
     result = runner.invoke(main, ["plan", "cifar_conv"])
     assert result.exit_code == 2
@@ -66,6 +77,7 @@ BAD = {
     "ratio 1": (["--method", "cp", "--ratio", "1"], "ratio must be above 1"),
     "energy 1.5": (["--method", "svd", "--energy", "1.5"], "energy must be in (0, 1]"),
     "energy 0": (["--method", "svd", "--energy", "0"], "energy must be in (0, 1]"),
+    "min params -1": (["--method", "svd", "--min-params", "-1"], "min params must be a whole number >= 0"),
 }
 
 

@@ -93,10 +93,11 @@ def test_markdown_has_table_and_pareto_front(result):
 def test_method_that_factorizes_no_layer_fails_with_the_reason(tmp_path):
     # every layer of the digits CNN is below this size floor, so svd has nothing to factorize
     config = RunConfig(methods=("svd",), ratios=(4.0,), int8=False, threads=(1,), bench_runs=2, bench_warmup=0,
-                       min_layer_params=10**9)
+                       min_params=10**9)
     report = run(None, tmp_path, config)
     svd = report.variant("svd-x4")
-    assert svd.status == "failed" and "factorized no layer" in svd.error and ">= 1000000000 parameters" in svd.error
+    assert svd.status == "failed" and "factorized no layer" in svd.error and "floor of 1000000000" in svd.error
+    assert svd.layers and all(layer["method"] == "dense" and "floor" in layer["reason"] for layer in svd.layers)
     assert report.variant("dense").status == "ok" and (tmp_path / "report.html").is_file()
 
 
