@@ -9,6 +9,7 @@ nodes of the fp32 graph ended up as integer ops in the quantized one. Rewritten 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -100,7 +101,13 @@ def _attr(node: onnx.NodeProto, name: str, default):
 _QDQ_SHORT = {"QuantizeLinear": "Q", "DequantizeLinear": "DQ", "DynamicQuantizeLinear": "DynQ"}
 
 
-def compact(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, int]:
+# Weight zero points are dropped only before the ops whose QDQ fusion on onnxruntime's CPU EP was checked
+# to take a DequantizeLinear without one (QLinearConv, QLinearMatMul). Its Gemm -> QGemm fusion does not:
+# without B's zero point the Gemm stays float (measured, onnxruntime 1.32), so Gemm weights keep theirs.
+ZERO_POINT_FREE_WEIGHTS = ("Conv", "MatMul")
+
+
+def compact(quantized: onnx.ModelProto, fp32: onnx.ModelProto, zero_points: bool = True) -> dict[str, int]:
     """Take out what an int8 file carries for nothing, in place; returns the bytes saved per step.
 
     On a 350 KB Tucker-factorized cifar_conv these were a fifth of the int8 file:
@@ -110,12 +117,15 @@ def compact(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, int]
       Tensors become ``q12``; graph inputs/outputs, fp32 initializers and every node name of the fp32 graph
       stay (layer attribution in ``bench --profile`` and per-layer tables go by node name). New Q/DQ
       nodes are named after their output (``DQ:q7``). Value infos go: onnxruntime infers shapes at load.
-    - zero points: a DequantizeLinear of a constant int8 weight or int32 bias with an all-zero zero point
-      (symmetric weights, every bias) loses it; ONNX defines an absent zero point as 0 of the input's type.
+    - with ``zero_points``: zero points that are all zero, on a DequantizeLinear of a constant: every
+      int32 bias, and the symmetric int8 weights of ZERO_POINT_FREE_WEIGHTS. ONNX defines an absent zero
+      point as 0 of the input's type; quantize() drops them for the CPU target only, where onnxruntime's
+      fusions were checked without them.
     """
     saved = {}
     before = quantized.ByteSize()
-    _drop_zero_points(quantized)
+    if zero_points:
+        _drop_zero_points(quantized, ZERO_POINT_FREE_WEIGHTS)
     saved["zero_points"] = before - quantized.ByteSize()
     before = quantized.ByteSize()
     _short_names(quantized, fp32)
@@ -123,13 +133,20 @@ def compact(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, int]
     return saved
 
 
-def _drop_zero_points(model: onnx.ModelProto) -> None:
+def _drop_zero_points(model: onnx.ModelProto, weight_ops: tuple[str, ...]) -> None:
     inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in inits:
             continue
         zero_point = inits.get(node.input[2])
-        if zero_point is not None and not numpy_helper.to_array(zero_point).any():
+        if zero_point is None or numpy_helper.to_array(zero_point).any():
+            continue
+        is_bias = inits[node.input[0]].data_type == onnx.TensorProto.INT32
+        if is_bias or all(op in weight_ops for op in consumers.get(node.output[0], ["?"])):
             del node.input[2]
     used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
     kept = [i for i in model.graph.initializer if i.name in used]
@@ -158,6 +175,26 @@ def _short_names(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
     for value in quantized.graph.output:
         value.name = short(value.name)
     del quantized.graph.value_info[:]
+
+
+_FLOAT_WEIGHT_KERNELS = (*WEIGHT_OPS, "FusedConv", "FusedGemm", "FusedMatMul")  # onnxruntime's fused float ops
+INTEGER_KERNEL_PREFIXES = ("QLinear", "QGemm", "QAttention", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                           "MatMulIntegerToFloat")
+
+
+def cpu_kernels(quantized: onnx.ModelProto) -> dict:
+    """What onnxruntime's CPU EP actually runs for ``quantized`` once it has fused the QDQ pairs: the
+    integer kernels by op type, and the Conv/MatMul/Gemm nodes still computing in float (a DQ -> Conv pair
+    it did not fuse runs as a dequantize plus a float conv: int8 in the file, fp32 in time)."""
+    from edgecompress import runtime
+
+    graph = runtime.optimized_graph(quantized).graph
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
+    integer = Counter(n.op_type for n in graph.node if n.op_type.startswith(INTEGER_KERNEL_PREFIXES))
+    return {"integer": dict(sorted(integer.items())),
+            "float_weight_ops": [n.name for n in graph.node
+                                 if n.op_type in _FLOAT_WEIGHT_KERNELS and len(n.input) > 1 and n.input[1] in constants]}
 
 
 def coverage(fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:

@@ -174,7 +174,15 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
                 q_model = _run_ort(variant_fp32, plan, config, inputs, exclude + fp32_layers, Path(tmp))
                 metrics = accuracy.output_metrics(reference, accuracy.run(q_model, inputs.evaluation))
                 layers = accuracy.layer_errors(variant_fp32, q_model, inputs.evaluation)
-    saved = qgraph.compact(q_model, variant_fp32)
+    saved = qgraph.compact(q_model, variant_fp32, zero_points=config.target == "cpu")
+    kernels = None
+    if config.target == "cpu":
+        stage("checking the CPU kernels")
+        kernels = qgraph.cpu_kernels(q_model)
+        unfused = [n for n in kernels["float_weight_ops"] if n not in set(exclude) | set(fp32_layers)]
+        if plan.mode == "static" and unfused:
+            _warn(warnings, f"{len(unfused)} weight node(s) stay float on onnxruntime's CPU EP (their QDQ pairs were "
+                            f"not fused into integer kernels): {', '.join(unfused[:5])}{' ...' if len(unfused) > 5 else ''}")
     data = q_model.SerializeToString()
     io.write_bytes(out, data)
     return {
@@ -186,6 +194,7 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
         **{k: metrics[k] for k in ("sqnr_db", "max_abs_diff", "rel_error", "top1_agreement")},
         "layers": layers, "balance": balance_info, "fp32_layers": fp32_layers, "excluded": exclude,
         "gemm_rewritten": gemms, "bytes_saved": saved, "coverage": qgraph.coverage(variant_fp32, q_model),
+        "cpu_kernels": kernels,
         "op_counts": dict(sorted(Counter(n.op_type for n in q_model.graph.node).items())),
         "warnings": warnings, "config": config.to_dict(), "seconds": round(time.perf_counter() - start, 3),
     }

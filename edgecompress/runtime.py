@@ -7,6 +7,7 @@ so provider handling and thread settings live in one place.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -87,13 +88,29 @@ def session_options(threads: int | None = None, sequential: bool = True, spinnin
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu", threads: int | None = None, **options):
     """An InferenceSession on ``provider``; ``model`` is a path or an in-memory ModelProto."""
-    ort = ort_module()
     providers = [resolve_provider(provider)]
     if providers[0] != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
+    return make_session_with(model, session_options(threads, **options), providers)
+
+
+def optimized_graph(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """The graph onnxruntime's CPU EP runs for ``model`` after its graph rewrites up to the extended level
+    (QDQ pairs fused into QLinearConv, QGemm, ...; not the machine-specific NCHWc layout of level 'all')."""
+    ort = ort_module()
+    with tempfile.TemporaryDirectory(prefix="edgecompress-opt-") as tmp:
+        options = session_options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        make_session_with(model, options, ["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath, load_external_data=False)
+
+
+def make_session_with(model: onnx.ModelProto | str | os.PathLike, options, providers: list[str]):
+    """An InferenceSession with these exact options and providers; a one-line LoadError if it fails."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        return ort.InferenceSession(source, session_options(threads, **options), providers=providers)
+        return ort_module().InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise LoadError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
