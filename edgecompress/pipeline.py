@@ -251,6 +251,7 @@ def _quantize(loaded: LoadedModel, data: RunData | None, out_dir: Path, config: 
         variant.size_bytes = Path(variant.onnx).stat().st_size
         variant.quantize = result
         variant.seconds["quantize"] = round(time.perf_counter() - t0, 3)
+        report.notes.extend(f"{variant.name}: {warning}" for warning in result["warnings"])
 
 
 def _calibration(loaded: LoadedModel, data: RunData | None, config: RunConfig) -> np.ndarray:

@@ -268,7 +268,8 @@ def preprocess(model: onnx.ModelProto, tmp: Path) -> tuple[onnx.ModelProto, str]
 
 
 def _warn(warnings: list[str], message: str) -> None:
-    log.warning(message)
+    """A warning for the report (``warnings``), which the CLI prints once; logged at INFO, not twice."""
+    log.info("warning: %s", message)
     warnings.append(message)
 
 
