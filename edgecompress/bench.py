@@ -108,6 +108,9 @@ def bench(models: Sequence[str | Path], config: BenchConfig = BenchConfig(), pro
     _extras(loaded, keys, results, config, progress)
     for key in keys:
         results[key]["ratio"] = _ratio(results[key], results[(base, key[1])])
+        if config.profile and key[0] != base:
+            results[key]["layers_vs_baseline"] = prof.compare_layers(
+                results[(base, key[1])]["profile"]["layers_ms"], results[key]["profile"]["layers_ms"])
     if config.data:
         _agreement(loaded, base, config, results)
     return {"config": {**dataclasses.asdict(config), "baseline": loaded[base].path},
@@ -359,7 +362,17 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{lat['mean']:.3f} | {lat['min']:.3f} | {_x(ratio['speedup'])} | {r['size_bytes'] / 1e6:.2f} MB | "
             f"{_x(ratio['size'])} | {'-' if delta is None else f'{delta / 1e6:.1f}'} | "
             f"{'-' if placed is None else f'{100 * placed:.0f}%'} |")
+    for r in report["results"]:
+        if "layers_vs_baseline" in r:
+            lines += ["", f"Per layer, {r['name']} vs the baseline at {r['threads']} thread(s) (profiled, ms per run):", "",
+                      "| layer | baseline ms | ms | speedup |", "|---|---:|---:|---:|"]
+            lines += [f"| {row['layer']} | {_opt(row['baseline_ms'])} | {_opt(row['ms'])} | {_x(row['speedup'])} |"
+                      for row in r["layers_vs_baseline"]]
     return "\n".join(lines) + "\n"
+
+
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _x(value: float | None) -> str:

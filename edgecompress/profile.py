@@ -61,6 +61,19 @@ class ProfileResult:
                 "cpu_fallback_ops": self.cpu_fallback_ops}
 
 
+def compare_layers(baseline_ms: Mapping[str, float], other_ms: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Per layer: its time in the baseline and in the other model (both from ``profile``) and the speedup,
+    slowest baseline layer first. A layer present in one model only (renamed, removed) gets None on the
+    other side. This is how to see which factorized layers pay off on this provider, and which do not."""
+    names = sorted(set(baseline_ms) | set(other_ms), key=lambda n: (-baseline_ms.get(n, 0.0), -other_ms.get(n, 0.0), n))
+    rows = []
+    for name in names:
+        base, other = baseline_ms.get(name), other_ms.get(name)
+        rows.append({"layer": name, "baseline_ms": base, "ms": other,
+                     "speedup": round(base / other, 4) if base and other else None})
+    return rows
+
+
 def profile(model: onnx.ModelProto, provider: str, threads: int, feeds: Mapping[str, np.ndarray],
             runs: int = 10) -> ProfileResult:
     """Run ``model`` ``runs`` times in a profiled session and attribute node time to layers."""

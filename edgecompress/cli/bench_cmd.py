@@ -84,7 +84,7 @@ def _print(report: dict) -> None:
         if r["placement"]["placement_fraction"] < 1.0:
             err_console.print(f"[yellow]warning[/]: {r['name']}: {cfg['provider']} took {r['placement']['nodes_on_provider']}"
                               f" of {r['placement']['nodes_total']} nodes; CPU ran {r['placement']['cpu_fallback_ops']}")
-        if "profile" in r:
+        if "profile" in r and len(report["results"]) == len(cfg["threads"]):  # one model: its own layer table
             _print_layers(r)
         if "agreement" in r:
             a = r["agreement"]
@@ -92,6 +92,40 @@ def _print(report: dict) -> None:
             console.print(f"{r['name']} (threads {r['threads']}) vs baseline: max |diff| {a['max_abs_diff']:.3g}, SQNR {sqnr}"
                           + (f", top-1 agreement {a['top1_agreement']:.1%}" if "top1_agreement" in a else "")
                           + (f", accuracy {a['accuracy']:.1%}" if "accuracy" in a else ""))
+
+
+    if any("layers_vs_baseline" in r for r in report["results"]):
+        for threads in cfg["threads"]:
+            _print_layer_comparison([r for r in report["results"] if r["threads"] == threads], cfg)
+
+
+def _print_layer_comparison(results: list[dict], cfg: dict) -> None:
+    """One row per layer: its time in the baseline and in every other model, with the speedup; a layer
+    that got slower is red (the candidates to keep dense on this provider)."""
+    base = next(r for r in results if "layers_vs_baseline" not in r)
+    others = [r for r in results if "layers_vs_baseline" in r]
+    table = Table(title=f"per layer, ms (threads {base['threads']}, {cfg['provider']}); speedup vs {base['name']}",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("layer", no_wrap=True)
+    table.add_column(base["name"], justify="right")
+    for r in others:
+        table.add_column(r["name"], justify="right")
+        table.add_column("x", justify="right")
+    layers = [row["layer"] for row in others[0]["layers_vs_baseline"]]
+    by_model = [{row["layer"]: row for row in r["layers_vs_baseline"]} for r in others]
+    for layer in layers:
+        cells = [_opt_ms(by_model[0][layer]["baseline_ms"])]
+        for rows in by_model:
+            row = rows.get(layer, {})
+            speedup = row.get("speedup")
+            cells += [_opt_ms(row.get("ms")), "-" if speedup is None else
+                      (f"[red]{speedup:.2f}x[/]" if speedup < 1 else f"{speedup:.2f}x")]
+        table.add_row(layer, *cells)
+    console.print(table)
+
+
+def _opt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _print_layers(r: dict) -> None:

@@ -45,8 +45,9 @@ def test_mobile_target_profile_and_baseline(pair):
     result = invoke("bench", *pair, "--target", "mobile", "--runs", "2", "--warmup", "0", "--no-memory",
                     "--profile", "--baseline", "1")
     assert result.exit_code == 0, result.output
-    assert "attributed to layers" in result.output
     assert "ratios vs svd.onnx" in result.output
+    # two models profiled: one side-by-side table per thread count, layer by layer
+    assert result.output.count("per layer, ms (threads") == 3 and "speedup vs svd" in result.output
 
 
 def test_cuda_unavailable_exits_2_naming_providers(pair):

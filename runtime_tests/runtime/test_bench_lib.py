@@ -129,6 +129,30 @@ def test_profile_attributes_factorized_model_to_layers(models):
     assert result["placement"]["nodes_on_provider"] == result["placement"]["nodes_total"] > 0
 
 
+def test_profile_compares_layers_with_the_baseline(models):
+    report = bench([models["dense"], models["svd"]], BenchConfig(runs=3, warmup=1, memory=False, profile=True,
+                                                                  profile_runs=5))
+    base, svd = report["results"]
+    assert "layers_vs_baseline" not in base
+    rows = {row["layer"]: row for row in svd["layers_vs_baseline"]}
+    assert set(rows) == set(base["profile"]["layers_ms"]) | set(svd["profile"]["layers_ms"])
+    for name, row in rows.items():
+        assert row["baseline_ms"] == base["profile"]["layers_ms"].get(name)
+        assert row["ms"] == svd["profile"]["layers_ms"].get(name)
+        if row["baseline_ms"] and row["ms"]:
+            assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ms"], rel=1e-3)
+    text = to_markdown(report)
+    assert "Per layer, lenet_svd vs the baseline" in text
+    assert all(f"| {name} |" in text for name in rows)
+
+
+def test_compare_layers_orders_by_baseline_time_and_marks_missing_layers():
+    rows = prof.compare_layers({"a": 1.0, "b": 3.0, "gone": 0.5}, {"a": 2.0, "b": 1.0, "new": 0.1})
+    assert [r["layer"] for r in rows] == ["b", "a", "gone", "new"]
+    assert [r["speedup"] for r in rows] == [3.0, 0.5, None, None]
+    assert rows[2]["ms"] is None and rows[3]["baseline_ms"] is None
+
+
 @pytest.mark.skipif("tucker" not in methods(), reason="tucker is not registered in edgecompress.factorize yet")
 def test_profile_attributes_tucker_resnet(tmp_path):
     path = tmp_path / "r18_tucker.onnx"
