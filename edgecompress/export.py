@@ -51,11 +51,17 @@ def export(
     input_shape: str | tuple[int, ...] | None = None,
     input_dtype: str | None = None,
     stage: Callable[[str], None] | None = None,
+    latency_config=None,
 ) -> dict[str, Any]:
-    """Load (if a name), fold BatchNorm, factorize (if a FactorizeConfig is given), export, check
-    parity and write ``out``; return the report dict (also what ``--report`` writes)."""
+    """Load (if a name), fold BatchNorm, factorize (if a FactorizeConfig is given), keep dense the layers
+    whose chain is not faster on the target (if a LatencyConfig is given), export, check parity and write
+    ``out``; return the report dict (also what ``--report`` writes)."""
     stage = stage or (lambda _: None)
     io.ensure_writable(out)
+    if latency_config is not None:
+        from edgecompress.runtime import resolve_provider
+
+        resolve_provider(latency_config.provider)  # an unavailable provider fails before any work
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, input_shape, input_dtype)
     dense = loaded.module.eval()
     exporters.fold_batchnorm_(dense)
@@ -64,11 +70,18 @@ def export(
     report: dict[str, Any] = {"model": loaded.name, "input_shape": list(loaded.input_spec.shape),
                               "input_dtype": loaded.input_spec.dtype}
     target, totals = dense, {"params": count_params(dense), "macs": macs}
+    if latency_config is not None and factorize_config is None:
+        raise ConfigError("keeping the faster of chain and dense layer needs a factorization method (--method)")
     if factorize_config is not None:
         from edgecompress.factorize import factorize
 
         stage("factorize")
         target, frep = factorize(dense, factorize_config, samples[0])
+        if latency_config is not None:
+            from edgecompress.latency import keep_faster_
+
+            stage(f"timing each layer on {latency_config.provider}")
+            report["latency"] = keep_faster_(target, dense, frep, samples[0], latency_config)
         report["method"] = factorize_config.method
         report["layers"] = [r.to_dict() for r in frep.layers]
         f_macs, _ = count_macs(target, samples[0])

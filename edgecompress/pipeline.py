@@ -52,6 +52,7 @@ class RunConfig:
     profile: bool = False
     rank_multiple: int = 8
     min_params: int = 4096
+    keep_faster: bool = False  # profile each chain against its dense layer; keep dense where not faster
     calib_samples: int = 64
     eval_samples: int | None = None
     seed: int = 0
@@ -165,6 +166,10 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
             fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple,
                                       min_params=config.min_params)
             module, frep = factorize(dense, fconfig, samples[:1])
+            if config.keep_faster:
+                from edgecompress.latency import LatencyConfig, keep_faster_
+
+                keep_faster_(module, dense, frep, samples[:1], LatencyConfig(config.provider, config.threads[0]))
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue

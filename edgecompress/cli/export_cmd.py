@@ -7,7 +7,8 @@ from rich.table import Table
 
 from edgecompress import io
 from edgecompress.cli._options import console, err_console, fmt_bytes, fmt_int, model_options
-from edgecompress.cli.factorize_options import factorize_config_from, factorize_options
+from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
+                                                 latency_options)
 from edgecompress.export import ExportConfig, export
 from edgecompress.models import DEFAULT_MODEL
 
@@ -18,12 +19,14 @@ from edgecompress.models import DEFAULT_MODEL
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @model_options
 @factorize_options
+@latency_options
 @click.option("--opset", default=17, show_default=True, help="ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch dimension dynamic.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--tolerance", default=1e-4, show_default=True, help="Largest |ONNX - PyTorch| accepted.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
-def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch, no_simplify, tolerance, report_path, **fopts):
+def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch, no_simplify, tolerance, report_path,
+            keep_faster, min_speedup, provider, threads, **fopts):
     """Export MODEL to ONNX, checked against PyTorch.
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory;
@@ -32,11 +35,12 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     model = model or DEFAULT_MODEL
     config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, tolerance=tolerance)
     fconfig = factorize_config_from(**fopts)
+    lconfig = latency_config_from(keep_faster, min_speedup, provider, threads)
     if report_path:
         io.ensure_writable(report_path)
     with err_console.status("loading") as status:
         report = export(model, out, config, fconfig, weights, input_shape, input_dtype,
-                        stage=lambda s: status.update(s))
+                        stage=lambda s: status.update(s), latency_config=lconfig)
     if report_path:
         io.write_json(report_path, report)
     _print_summary(report)
@@ -55,6 +59,10 @@ def _print_summary(report: dict) -> None:
                       f" ({totals['params_dense'] / totals['params']:.2f}x)")
         table.add_row("MACs", f"{fmt_int(totals['macs_dense'])} -> {fmt_int(totals['macs'])}")
         table.add_row("error vs dense (rel)", f"{report['error_vs_dense']['rel_error']:.3g}")
+        if "latency" in report:
+            latency = report["latency"]
+            table.add_row(f"kept dense, chain slower on {latency['config']['provider']}",
+                          ", ".join(latency["reverted"]) or "none")
     else:
         table.add_row("params", fmt_int(totals["params"]))
         table.add_row("MACs", fmt_int(totals["macs"]))

@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edgecompress.cli._options import console, err_console, fmt_int, model_options
-from edgecompress.cli.factorize_options import factorize_config_from, factorize_options
+from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
+                                                 latency_options)
 from edgecompress.errors import ConfigError
 from edgecompress.io import to_json
 
@@ -18,8 +19,9 @@ from edgecompress.io import to_json
 @click.argument("model")
 @model_options
 @factorize_options
+@latency_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def command(model, weights, input_shape, input_dtype, as_json, **fopts):
+def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_speedup, provider, threads, **fopts):
     """Show what factorizing MODEL would do, layer by layer, without exporting.
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory.
@@ -29,9 +31,11 @@ def command(model, weights, input_shape, input_dtype, as_json, **fopts):
     config = factorize_config_from(**fopts)
     if config is None:
         raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...)")
+    latency = latency_config_from(keep_faster, min_speedup, provider, threads)
     with err_console.status("factorizing") as status:
         report = plan(model, config, weights, input_shape, input_dtype,
-                      progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"))
+                      progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
+                      latency_config=latency)
     if as_json:
         click.echo(to_json({"model": model, **report.to_dict()}))
         return
@@ -46,15 +50,18 @@ def _table(model: str, report) -> Table:
                f"MACs {_change(t['macs_before'], t['macs_after'])}")
     table = Table(title=f"{model}: {report.config.method}, {report.config.rank_spec().describe()} ({report.seconds:.1f} s)",
                   caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    timed = any("latency" in r.details for r in report.layers)
     table.add_column("layer", no_wrap=True)
-    for col in ("type", "method", "ranks", "params", "after", "MACs", "after", "error"):
+    for col in ("type", "method", "ranks", "params", "after", "MACs", "after", "error") + (("speedup",) if timed else ()):
         table.add_column(col, justify="left" if col in ("type", "method") else "right", no_wrap=True)
     table.add_column("reason / notes", overflow="fold", min_width=30)
     for r in report.layers:
         remark = "; ".join(([r.reason] if r.reason else []) + r.notes)
         error = "-" if r.rel_error is None else f"{r.rel_error:.3g}"
+        speedup = (r.details.get("latency") or {}).get("speedup")
         table.add_row(r.name, r.type, r.method, ",".join(map(str, r.ranks)) or "-", fmt_int(r.params_before),
-                      fmt_int(r.params_after), fmt_int(r.macs_before), fmt_int(r.macs_after), error, remark)
+                      fmt_int(r.params_after), fmt_int(r.macs_before), fmt_int(r.macs_after), error,
+                      *(("-" if speedup is None else f"{speedup:.2f}x",) if timed else ()), remark)
     return table
 
 

@@ -18,8 +18,13 @@ from edgecompress.loading import LoadedModel, load_model, sample_inputs
 
 def plan(model: str | LoadedModel, config: FactorizeConfig, weights: str | Path | None = None,
          input_shape: str | tuple[int, ...] | None = None, input_dtype: str | None = None,
-         progress: Progress | None = None) -> FactorizeReport:
-    """The per-layer report of factorizing ``model`` (a name is loaded; a LoadedModel is left as it was)."""
+         progress: Progress | None = None, latency_config=None) -> FactorizeReport:
+    """The per-layer report of factorizing ``model`` (a name is loaded; a LoadedModel is left as it was).
+    With a ``LatencyConfig`` each chain is also timed against its dense layer and kept only if faster."""
+    if latency_config is not None:
+        from edgecompress.runtime import resolve_provider
+
+        resolve_provider(latency_config.provider)  # an unavailable provider fails before any work
     if isinstance(model, LoadedModel):
         model = LoadedModel(model.name, copy.deepcopy(model.module), model.input_spec)
     else:
@@ -27,4 +32,10 @@ def plan(model: str | LoadedModel, config: FactorizeConfig, weights: str | Path 
     module = model.module.eval()
     exporters.fold_batchnorm_(module)  # as export does, so the ranks and errors are the exported ones
     inputs = sample_inputs(module, model.input_spec)
-    return factorize_(module, config, inputs, progress)
+    dense = copy.deepcopy(module) if latency_config is not None else None
+    report = factorize_(module, config, inputs, progress)
+    if latency_config is not None:
+        from edgecompress.latency import keep_faster_
+
+        keep_faster_(module, dense, report, inputs, latency_config)
+    return report

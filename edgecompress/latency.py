@@ -1,0 +1,82 @@
+"""Keep a layer dense where its factorized chain is not faster on the target provider, as measured.
+
+Fewer MACs do not always mean less time. A 3-channel stem, a 10-class head or MobileNetV2's thin 1x1
+convs can run slower as a chain of small kernels than as one dense kernel (docs/bench.md). ``keep_faster_``
+measures this rather than guessing:
+1. export the dense and the factorized model to ONNX;
+2. profile both on the provider (``edgecompress.profile``: time per layer, in context, with the layout
+   changes the provider inserts charged to their layer);
+3. put the dense layer back wherever the chain's speedup is below ``min_speedup``.
+Each factorized layer's record gets ``details["latency"]`` (dense_ms, chain_ms, speedup, provider,
+threads). A reverted record becomes dense with the measured reason. Ranks stay as the factorize config
+chose them; choosing ranks from latency is a later step, and this record is what it needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from edgecompress import exporters, profile, runtime
+from edgecompress.errors import ConfigError
+from edgecompress.factorize.api import FactorizeReport
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyConfig:
+    """``min_speedup``: the speedup a chain must show over its dense layer to be kept (1.0: any gain)."""
+
+    provider: str = "cpu"
+    threads: int = 1
+    runs: int = 50
+    min_speedup: float = 1.0
+
+    def __post_init__(self):
+        if int(self.threads) != self.threads or self.threads < 1:
+            raise ConfigError(f"latency threads must be a whole number >= 1, got {self.threads}")
+        if self.runs < 1:
+            raise ConfigError(f"latency runs must be at least 1, got {self.runs}")
+        if not self.min_speedup > 0:
+            raise ConfigError(f"min speedup must be positive (1.0: keep any chain that is faster), got {self.min_speedup}")
+
+
+def keep_faster_(factorized: nn.Module, dense: nn.Module, report: FactorizeReport, inputs: Sequence[torch.Tensor],
+                 config: LatencyConfig = LatencyConfig()) -> dict[str, Any]:
+    """Profile ``dense`` and ``factorized`` on ``config.provider`` and put dense layers back into
+    ``factorized`` (in place) where the chain is not ``min_speedup`` faster; updates ``report``'s records.
+    Returns a summary: kept and reverted layer names, whole-graph node time before and after."""
+    runtime.resolve_provider(config.provider)  # an unavailable provider fails before any export
+    chains = [r for r in report.layers if r.method != "dense"]
+    if not chains:
+        return {"kept": [], "reverted": [], "config": dataclasses.asdict(config)}
+    base, fact = (_layer_ms(m, inputs, config) for m in (dense, factorized))
+    rows = {row["layer"]: row for row in profile.compare_layers(base["layers_ms"], fact["layers_ms"])}
+    kept, reverted = [], []
+    for record in chains:
+        row = rows.get(record.name, {})
+        speedup = row.get("speedup")
+        record.details["latency"] = {"dense_ms": row.get("baseline_ms"), "chain_ms": row.get("ms"), "speedup": speedup,
+                                     "provider": config.provider, "threads": config.threads}
+        if speedup is None or speedup >= config.min_speedup:
+            kept.append(record.name)  # unmeasured (not attributed): the config's choice stands
+            continue
+        factorized.set_submodule(record.name, copy.deepcopy(dense.get_submodule(record.name)))
+        record.method, record.ranks = "dense", []
+        record.params_after, record.macs_after, record.rel_error = record.params_before, record.macs_before, None
+        record.reason = (f"its {row['ms']:.4f} ms chain ran {speedup:.2f}x the dense layer's speed "
+                         f"({row['baseline_ms']:.4f} ms) on {config.provider}, {config.threads} thread(s): kept dense")
+        reverted.append(record.name)
+    return {"kept": kept, "reverted": reverted, "dense_node_ms": base["node_ms"], "factorized_node_ms": fact["node_ms"],
+            "config": dataclasses.asdict(config)}
+
+
+def _layer_ms(module: nn.Module, inputs: Sequence[torch.Tensor], config: LatencyConfig) -> dict[str, Any]:
+    proto, _ = exporters.simplify(exporters.export_onnx(module, list(inputs)))
+    feeds = {i.name: x.numpy() for i, x in zip(proto.graph.input, inputs)}
+    result = profile.profile(proto, config.provider, config.threads, feeds, config.runs)
+    return {"layers_ms": result.layers, "node_ms": result.node_ms}
