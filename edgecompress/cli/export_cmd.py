@@ -26,7 +26,7 @@ from edgecompress.models import DEFAULT_MODEL
 @click.option("--tolerance", default=1e-4, show_default=True, help="Largest |ONNX - PyTorch| accepted.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch, no_simplify, tolerance, report_path,
-            keep_faster, min_speedup, provider, threads, **fopts):
+            keep_faster, min_speedup, precision, provider, threads, **fopts):
     """Export MODEL to ONNX, checked against PyTorch.
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory;
@@ -35,7 +35,7 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     model = model or DEFAULT_MODEL
     config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, tolerance=tolerance)
     fconfig = factorize_config_from(**fopts)
-    lconfig = latency_config_from(keep_faster, min_speedup, provider, threads)
+    lconfig = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
     if report_path:
         io.ensure_writable(report_path)
     with err_console.status("loading") as status:

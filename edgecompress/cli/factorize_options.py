@@ -53,13 +53,16 @@ def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params
 
 
 def latency_options(func):
-    """--keep-faster, --min-speedup, --provider, --threads: keep a layer dense where its chain is not faster."""
+    """--keep-faster, --min-speedup, --precision, --provider, --threads: keep a layer dense where its chain is not faster."""
 
     @click.option("--keep-faster", is_flag=True,
                   help="Time every factorized layer against its dense layer (profiled, on --provider at --threads) "
                        "and keep it dense where the chain is not faster.")
     @click.option("--min-speedup", type=float, default=None,
                   help="With --keep-faster: the speedup a chain must show to be kept (default 1.0).")
+    @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+                  help="With --keep-faster: time the layers as fp32, or as the int8 model `quantize` will make "
+                       "(int8 kernels favour other shapes).")
     @click.option("--provider", default="cpu", show_default=True, help="With --keep-faster: where layers are timed.")
     @click.option("--threads", type=int, default=1, show_default=True, help="With --keep-faster: intra-op threads.")
     @functools.wraps(func)
@@ -69,10 +72,11 @@ def latency_options(func):
     return wrapper
 
 
-def latency_config_from(keep_faster, min_speedup, provider, threads):
+def latency_config_from(keep_faster, min_speedup, precision, provider, threads):
     """A LatencyConfig when --keep-faster (or --min-speedup) is given, else None."""
     from edgecompress.latency import LatencyConfig
 
     if not keep_faster and min_speedup is None:
         return None
-    return LatencyConfig(provider=provider, threads=threads, min_speedup=1.0 if min_speedup is None else min_speedup)
+    return LatencyConfig(provider=provider, threads=threads, min_speedup=1.0 if min_speedup is None else min_speedup,
+                         precision=precision)

@@ -21,7 +21,7 @@ from edgecompress.io import to_json
 @factorize_options
 @latency_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_speedup, provider, threads, **fopts):
+def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_speedup, precision, provider, threads, **fopts):
     """Show what factorizing MODEL would do, layer by layer, without exporting.
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory.
@@ -31,7 +31,7 @@ def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_
     config = factorize_config_from(**fopts)
     if config is None:
         raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...)")
-    latency = latency_config_from(keep_faster, min_speedup, provider, threads)
+    latency = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
     with err_console.status("factorizing") as status:
         report = plan(model, config, weights, input_shape, input_dtype,
                       progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),

@@ -58,8 +58,17 @@ def test_chains_that_pass_the_threshold_stay(cifar_tucker):
     assert all("latency" in r.details for r in report.factorized)
 
 
+def test_int8_precision_times_the_quantized_models(cifar_tucker):
+    dense, factorized, report, inputs = cifar_tucker
+    summary = keep_faster_(factorized, dense, report, inputs, LatencyConfig(runs=3, min_speedup=1e9, precision="int8"))
+    assert summary["reverted"] and summary["config"]["precision"] == "int8"
+    for record in report.layers:
+        if "latency" in record.details:
+            assert record.details["latency"]["precision"] == "int8" and "int8: kept dense" in record.reason
+
+
 @pytest.mark.parametrize("fields, message", [({"threads": 0}, "threads"), ({"runs": 0}, "runs"),
-                                             ({"min_speedup": 0}, "min speedup")])
+                                             ({"min_speedup": 0}, "min speedup"), ({"precision": "fp16"}, "precision")])
 def test_config_validation(fields, message):
     with pytest.raises(ConfigError, match=message):
         LatencyConfig(**fields)
