@@ -53,6 +53,7 @@ class RunConfig:
     rank_multiple: int = 8
     min_params: int = 4096
     keep_faster: bool = False  # profile each chain against its dense layer; keep dense where not faster
+    keep_faster_precision: str | None = None  # None: int8 when int8 variants are made, else fp32
     calib_samples: int = 64
     eval_samples: int | None = None
     seed: int = 0
@@ -75,6 +76,15 @@ class RunConfig:
             raise ConfigError(f"eval samples must be at least 1, got {self.eval_samples}")
         if self.min_params < 0:
             raise ConfigError(f"--min-params must be at least 0, got {self.min_params}")
+
+    def latency_config(self):
+        """How ``keep_faster`` times the layers: on the run's provider at its first thread count, as int8
+        when the run makes int8 variants (the choice then suits the deployed int8 model; the fp32 variant
+        of the same method shares it)."""
+        from edgecompress.latency import LatencyConfig
+
+        precision = self.keep_faster_precision or ("int8" if self.int8 else "fp32")
+        return LatencyConfig(self.provider, self.threads[0], precision=precision)
 
     def method_list(self) -> list[str]:
         """The methods asked for; None means every default method that is registered here."""
@@ -167,9 +177,9 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
                                       min_params=config.min_params)
             module, frep = factorize(dense, fconfig, samples[:1])
             if config.keep_faster:
-                from edgecompress.latency import LatencyConfig, keep_faster_
+                from edgecompress.latency import keep_faster_
 
-                keep_faster_(module, dense, frep, samples[:1], LatencyConfig(config.provider, config.threads[0]))
+                keep_faster_(module, dense, frep, samples[:1], config.latency_config())
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue

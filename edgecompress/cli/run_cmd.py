@@ -54,8 +54,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--min-params", type=int, default=pipeline.RunConfig.min_params, show_default=True,
               help="Keep layers with fewer parameters dense (listed with the reason).")
 @click.option("--keep-faster", is_flag=True,
-              help="Time each factorized layer against its dense layer (profiled on --provider, first --threads) "
-                   "and keep it dense where the chain is not faster.")
+              help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
+                   "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
             finetune_epochs, bench_runs, profile, min_params, keep_faster):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.

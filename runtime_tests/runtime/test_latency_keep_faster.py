@@ -106,6 +106,14 @@ def test_keep_faster_bad_input_is_one_line_and_writes_nothing(tmp_path, args, me
     assert list(tmp_path.iterdir()) == []
 
 
+def test_run_times_as_int8_when_it_makes_int8_variants():
+    from edgecompress.pipeline import RunConfig
+
+    assert RunConfig(keep_faster=True).latency_config().precision == "int8"
+    assert RunConfig(keep_faster=True, int8=False).latency_config().precision == "fp32"
+    assert RunConfig(keep_faster=True, keep_faster_precision="fp32").latency_config().precision == "fp32"
+
+
 def test_run_keep_faster_records_the_measured_speedup_of_every_chain(tmp_path):
     from edgecompress.pipeline import RunConfig, run
 
@@ -116,4 +124,5 @@ def test_run_keep_faster_records_the_measured_speedup_of_every_chain(tmp_path):
     assert variant.status == "ok"
     timed = [layer for layer in variant.layers if "latency" in layer["details"]]
     assert timed and all(layer["details"]["latency"]["threads"] == 1 for layer in timed)
+    assert all(layer["details"]["latency"]["precision"] == "fp32" for layer in timed)  # no int8 variants here
     assert all(layer["method"] != "dense" or "kept dense" in layer["reason"] for layer in timed)
