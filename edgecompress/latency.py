@@ -5,7 +5,7 @@ convs can run slower as a chain of small kernels than as one dense kernel (docs/
 measures this rather than guessing:
 1. export the dense and the factorized model to ONNX, and with ``precision="int8"`` quantize both as
    ``edgecompress quantize`` would for that provider (int8 kernels favour other shapes than fp32 ones:
-   on MobileNetV2 most thin 1x1 chains that are slightly faster in fp32 are 2-3x slower in int8);
+   on MobileNetV2, thin 1x1 chains at 0.9-1.1x of their dense layer in fp32 ran 1.7-3.8x slower in int8);
 2. profile both on the provider (``edgecompress.profile``: time per layer, in context, with the layout
    changes the provider inserts charged to their layer);
 3. put the dense layer back wherever the chain's speedup is below ``min_speedup``.
@@ -29,7 +29,6 @@ import torch.nn as nn
 from edgecompress import exporters, profile, runtime
 from edgecompress.errors import ConfigError
 from edgecompress.factorize.api import FactorizeReport
-
 
 PRECISIONS = ("fp32", "int8")
 
@@ -73,8 +72,10 @@ def keep_faster_(factorized: nn.Module, dense: nn.Module, report: FactorizeRepor
         record.details["latency"] = {"dense_ms": row.get("baseline_ms"), "chain_ms": row.get("ms"), "speedup": speedup,
                                      "provider": config.provider, "threads": config.threads,
                                      "precision": config.precision}
+        if speedup is None:
+            record.notes.append("latency not measured: the profiler attributed no time to this layer; kept as chosen")
         if speedup is None or speedup >= config.min_speedup:
-            kept.append(record.name)  # unmeasured (not attributed): the config's choice stands
+            kept.append(record.name)
             continue
         factorized.set_submodule(record.name, copy.deepcopy(dense.get_submodule(record.name)))
         record.method, record.ranks = "dense", []
