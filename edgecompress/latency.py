@@ -8,7 +8,8 @@ measures this rather than guessing:
    on MobileNetV2, thin 1x1 chains at 0.9-1.1x of their dense layer in fp32 ran 1.7-3.8x slower in int8);
 2. profile both on the provider (``edgecompress.profile``: time per layer, in context, with the layout
    changes the provider inserts charged to their layer);
-3. put the dense layer back wherever the chain's speedup is below ``min_speedup``.
+3. put the dense layer back wherever the chain's speedup is below ``min_speedup``, except for embeddings
+   (SIZE_ONLY), which are factorized for size and stay factorized, with the measured figures noted.
 Each factorized layer's record gets ``details["latency"]`` (dense_ms, chain_ms, speedup, provider,
 threads). A reverted record becomes dense with the measured reason. Ranks stay as the factorize config
 chose them; choosing ranks from latency is a later step, and this record is what it needs.
@@ -31,6 +32,9 @@ from edgecompress.errors import ConfigError
 from edgecompress.factorize.api import FactorizeReport
 
 PRECISIONS = ("fp32", "int8")
+# layers factorized to save bytes, not time: a lookup table's chain (Gather + MatMul) is always slower than
+# the lookup, so judging it by time would undo every embedding factorization
+SIZE_ONLY = ("Embedding",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,10 @@ def keep_faster_(factorized: nn.Module, dense: nn.Module, report: FactorizeRepor
                                      "precision": config.precision}
         if speedup is None:
             record.notes.append("latency not measured: the profiler attributed no time to this layer; kept as chosen")
+        elif record.type in SIZE_ONLY and speedup < config.min_speedup:
+            record.notes.append(f"{record.type} is factorized for size (a lookup has no compute to save): kept "
+                                f"although its chain ran {speedup:.2f}x the dense lookup's speed")
+            speedup = None
         if speedup is None or speedup >= config.min_speedup:
             kept.append(record.name)
             continue

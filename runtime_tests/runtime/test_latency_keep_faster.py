@@ -126,3 +126,15 @@ def test_run_keep_faster_records_the_measured_speedup_of_every_chain(tmp_path):
     assert timed and all(layer["details"]["latency"]["threads"] == 1 for layer in timed)
     assert all(layer["details"]["latency"]["precision"] == "fp32" for layer in timed)  # no int8 variants here
     assert all(layer["method"] != "dense" or "kept dense" in layer["reason"] for layer in timed)
+
+
+def test_embeddings_stay_factorized_for_size_with_the_timing_noted():
+    loaded = load_model("text_classifier")
+    dense = loaded.module.eval()
+    inputs = sample_inputs(dense, loaded.input_spec)
+    factorized, report = factorize(dense, FactorizeConfig(method="svd", ratio=4), inputs)
+    keep_faster_(factorized, dense, report, inputs, LatencyConfig(runs=3, min_speedup=1e9))
+    by_name = {r.name: r for r in report.layers}
+    token = by_name["token_embedding"]
+    assert token.method == "svd" and any("factorized for size" in n for n in token.notes)
+    assert all(r.method == "dense" for r in report.layers if r.type == "Linear")
