@@ -176,10 +176,6 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
             fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple,
                                       min_params=config.min_params)
             module, frep = factorize(dense, fconfig, samples[:1])
-            if config.keep_faster:
-                from edgecompress.latency import keep_faster_
-
-                keep_faster_(module, dense, frep, samples[:1], config.latency_config())
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue
@@ -188,6 +184,21 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
             reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
             _fail(variant, "factorize", f"method {method!r} factorized no layer: {'; '.join(reasons)}")
             continue
+        if config.keep_faster:
+            from edgecompress.latency import keep_faster_
+
+            latency = config.latency_config()
+            try:
+                keep_faster_(module, dense, frep, samples[:1], latency)
+            except Exception as exc:
+                _fail(variant, "keep-faster", exc)
+                continue
+            variant.layers = [r.to_dict() for r in frep.layers]
+            if not frep.factorized:
+                _fail(variant, "keep-faster", f"no chain ran faster than its dense layer ({latency.provider}, "
+                                              f"{latency.threads} thread(s), {latency.precision}): the variant "
+                                              "would be the dense model")
+                continue
         variant.params, variant.macs = count_params(module), count_macs(module, samples[:1])[0]
         variant.compression = round(dense_params / variant.params, 4)
         variant.seconds["factorize"] = round(time.perf_counter() - t0, 3)
