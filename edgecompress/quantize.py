@@ -5,7 +5,8 @@ Defaults per target, and why (docs/quantize.md has the measurements):
   weights (U8S8). onnxruntime's CPU EP fuses QDQ around Conv/MatMul/Gemm into integer kernels
   (QLinearConv, QGemm); per-channel keeps each filter's own range. Measured on this project's Intel
   AVX-512 machine (ResNet-18, 1 thread): U8S8 2.53x faster than fp32, signed int8 activations (S8S8)
-  1.03x, so unsigned activations are the CPU default (``--target cuda`` gives symmetric int8).
+  1.03x, so unsigned activations are the CPU default (``--activations int8`` or ``--target cuda`` give
+  signed int8).
 - ``cpu`` without calibration data, or a model without convolutions: dynamic int8 (scales computed at
   run time) for MatMul/Gather only; on text_classifier dynamic ran 1.38x faster than fp32 where static
   U8S8 ran 1.10x and S8S8 0.42x.
@@ -47,6 +48,7 @@ MODES = ("dynamic", "static")
 FORMATS = ("qdq", "qoperator")
 TARGETS = ("cpu", "cuda", "mobile")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+ACTIVATION_TYPES = ("uint8", "int8")
 ZOO_METADATA_KEY = "edgecompress.model"
 _DYNAMIC_OPS = ("MatMul", "Gather", "Attention", "LSTM")
 _REFUSED = {
@@ -75,6 +77,7 @@ class QuantizeConfig:
     zoo_model: str | None = None
     fp32_threshold: float | None = None  # leave layers whose local error is above it in fp32
     dynamic_conv: bool = False
+    activations: str | None = None  # static: "uint8" or "int8"; None: the target's default
     seed: int = 0
 
     def __post_init__(self):
@@ -91,6 +94,14 @@ class QuantizeConfig:
             raise ConfigError(f"fp32 threshold must be a positive relative error (e.g. 0.05), got {self.fp32_threshold}")
         if self.random_calib and self.calib:
             raise ConfigError("--random-calib and --calib exclude each other: give one")
+        if self.activations is not None and self.activations not in ACTIVATION_TYPES:
+            raise ConfigError(f"unknown activation type {self.activations!r}: use one of {', '.join(ACTIVATION_TYPES)}")
+        if self.target == "cuda" and self.activations == "uint8":
+            raise ConfigError("--target cuda with uint8 activations is refused: TensorRT and the CUDA EP's QDQ "
+                              "kernels take symmetric int8 activations (leave --activations unset)")
+        if self.activations is not None and self.mode == "dynamic":
+            raise ConfigError("--activations applies to static quantization; dynamic mode quantizes activations "
+                              "to uint8 at run time")
         if self.format == "qoperator" and self.mode == "dynamic":
             raise ConfigError("--format applies to static quantization; dynamic always makes integer operators")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -122,6 +133,9 @@ def plan_for(config: QuantizeConfig, has_data: bool, has_conv: bool = True) -> P
         raise ConfigError(f"static quantization{' for --target ' + config.target if config.target != 'cpu' else ''} "
                           "needs calibration data: give --calib FILE.npz (or a folder of .npy), --zoo-model NAME "
                           "for a zoo model's sample inputs, or --random-calib")
+    if mode == "dynamic" and config.activations:
+        raise ConfigError("--activations applies to static quantization, and this model quantizes dynamically "
+                          "(no calibration data, or no convolutions): add --mode static with calibration data")
     if mode == "dynamic":
         ops = _DYNAMIC_OPS + (("Conv",) if config.dynamic_conv else ())
         per_channel = bool(config.per_channel)
@@ -133,8 +147,16 @@ def plan_for(config: QuantizeConfig, has_data: bool, has_conv: bool = True) -> P
         return Plan(mode, "qdq", "int8", "int8", per_channel, "CUDA: QDQ, symmetric int8 activations and weights",
                     extra_options=(("ActivationSymmetric", True), ("WeightSymmetric", True)))
     if config.target == "mobile":
-        return Plan(mode, config.format, "uint8", "int8", per_channel, "mobile: uint8 activations, symmetric int8 "
-                    "weights, constant scales (NNAPI's quantized types)", extra_options=(("WeightSymmetric", True),))
+        activations = config.activations or "uint8"
+        return Plan(mode, config.format, activations, "int8", per_channel,
+                    f"mobile: {activations} activations, symmetric int8 weights, constant scales"
+                    + (" (NNAPI's quantized types)" if activations == "uint8" else " (XNNPACK's signed kernels)"),
+                    extra_options=(("WeightSymmetric", True),))
+    if config.activations == "int8":
+        return Plan(mode, config.format, "int8", "int8", per_channel,
+                    "CPU static with signed int8 activations (S8S8, --activations int8), as ARM/XNNPACK-style int8 kernels "
+                    "take them; on this project's x86 CPU it ran no faster than fp32 (ResNet-18: 1.03x, uint8 "
+                    "activations 2.53x; docs/quantize.md)")
     return Plan(mode, config.format, "uint8", "int8", per_channel,
                 "CPU static: uint8 activations, int8 weights (U8S8), fused into integer kernels by onnxruntime; "
                 "signed int8 activations ran no faster than fp32 on x86 (docs/quantize.md)")

@@ -51,6 +51,30 @@ def test_quantize_mobile_uses_uint8_activations(model, tmp_path):
     assert conv0.input[1] in inits and inits[conv0.input[1]].data_type == onnx.TensorProto.FLOAT  # excluded
 
 
+def test_signed_int8_activations_on_request_run_as_integer_kernels(model, tmp_path):
+    out, report = tmp_path / "int8.onnx", tmp_path / "q.json"
+    result = _run("quantize", model / "fp32.onnx", "--int8", "-o", out, "--calib", model / "calib.npz",
+                  "--calib-samples", 4, "--eval-samples", 2, "--activations", "int8", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["activation_type"] == "int8" and "S8S8" in data["reason"]
+    assert data["cpu_kernels"]["float_weight_ops"] == [] and data["cpu_kernels"]["integer"]["QLinearConv"] == 4
+    q = onnx.load(str(out))
+    inits = {i.name: i for i in q.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.data_type == onnx.TensorProto.INT8 for z in zero_points)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "cuda", "--activations", "uint8"], "symmetric int8 activations"),
+    (["--mode", "dynamic", "--activations", "int8"], "applies to static quantization"),
+])
+def test_activation_type_combinations_that_cannot_work_are_refused(model, tmp_path, args, message):
+    out = tmp_path / "o.onnx"
+    _fails(_run("quantize", model / "fp32.onnx", "--int8", "-o", out, "--calib", model / "calib.npz", *args),
+           2, message, out)
+
+
 def test_fp32_threshold_leaves_worst_layers_in_fp32(model, tmp_path):
     from edgecompress.quantize import QuantizeConfig, quantize
 
