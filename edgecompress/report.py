@@ -146,14 +146,19 @@ def variant_rows(report: Report) -> tuple[list[str], list[list[str]]]:
 
 
 def layer_rows(v: Variant) -> tuple[list[str], list[list[str]]]:
-    header = ["layer", "type", "method", "ranks", "params", "MACs", "rel. error", "time ms", "note"]
+    """One row per candidate layer; a 'chain speedup' column when --keep-faster timed the chains."""
+    timed = any("latency" in (layer.get("details") or {}) for layer in v.layers)
+    header = ["layer", "type", "method", "ranks", "params", "MACs", "rel. error", "time ms",
+              *(["chain speedup"] if timed else []), "note"]
     rows = []
     for layer in v.layers:
         ms = (v.layer_ms or {}).get(layer["name"])
+        speedup = ((layer.get("details") or {}).get("latency") or {}).get("speedup")
         rows.append([layer["name"], layer["type"], layer["method"], ",".join(map(str, layer.get("ranks") or [])) or "-",
                      f"{_fmt(layer['params_before'], 'count')} -> {_fmt(layer['params_after'], 'count')}",
                      f"{_fmt(layer.get('macs_before'), 'count')} -> {_fmt(layer.get('macs_after'), 'count')}",
-                     _fmt(layer.get("rel_error")), _fmt(ms), layer.get("reason") or "; ".join(layer.get("notes") or [])])
+                     _fmt(layer.get("rel_error")), _fmt(ms), *([_fmt(speedup, "x")] if timed else []),
+                     "; ".join(([layer["reason"]] if layer.get("reason") else []) + list(layer.get("notes") or []))])
     return header, rows
 
 
