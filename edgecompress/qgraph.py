@@ -1,9 +1,11 @@
 """ONNX graph checks and rewrites around int8 quantization.
 
 Owns: recognising an already-quantized graph, rewriting Gemm as MatMul (+ Add) so that dynamic
-quantization (which skips Gemm) covers every Linear and every SVD factor, and telling which weight
-nodes of the fp32 graph ended up as integer ops in the quantized one. Rewritten nodes keep their names
-(``fc1/svd/1`` stays ``fc1/svd/1``; its bias Add is ``fc1/svd/1/bias``) so chains stay recognisable.
+quantization (which skips Gemm) covers every Linear and every SVD factor, telling which weight nodes of
+the fp32 graph ended up as integer ops in the quantized file (``coverage``) and which integer kernels
+onnxruntime's CPU EP runs for it (``cpu_kernels``), and taking out what the file carries for nothing
+(``compact``). Rewritten nodes keep their names (``fc1/svd/1`` stays ``fc1/svd/1``; its bias Add is
+``fc1/svd/1/bias``) so chains stay recognisable.
 """
 
 from __future__ import annotations
