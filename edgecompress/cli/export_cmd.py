@@ -9,6 +9,7 @@ from edgecompress import io
 from edgecompress.cli._options import console, err_console, fmt_bytes, fmt_int, model_options
 from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
                                                  latency_options)
+from edgecompress.errors import ConfigError
 from edgecompress.export import ExportConfig, export
 from edgecompress.models import DEFAULT_MODEL
 
@@ -31,6 +32,8 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory;
     default: the bundled default model. With --method the supported layers are factorized first.
+    MODEL can also be an ONNX file: with --method (svd, svd-spatial, tucker, cp) its Conv/Gemm/MatMul
+    weight nodes are factorized in the file itself, and the error is measured against the original.
     """
     model = model or DEFAULT_MODEL
     config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, tolerance=tolerance)
@@ -39,25 +42,43 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     if report_path:
         io.ensure_writable(report_path)
     with err_console.status("loading") as status:
-        report = export(model, out, config, fconfig, weights, input_shape, input_dtype,
-                        stage=lambda s: status.update(s), latency_config=lconfig)
+        if model.endswith(".onnx"):
+            report = _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status)
+        else:
+            report = export(model, out, config, fconfig, weights, input_shape, input_dtype,
+                            stage=lambda s: status.update(s), latency_config=lconfig)
     if report_path:
         io.write_json(report_path, report)
     _print_summary(report)
 
 
+def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status) -> dict:
+    from edgecompress.onnx_factorize import export_factorized_onnx
+
+    if fconfig is None:
+        raise ConfigError(f"{model} is already ONNX: give --method (svd, svd-spatial, tucker, cp) to factorize it")
+    unsupported = [flag for flag, given in (("--keep-faster", lconfig), ("--weights", weights),
+                                            ("--input-shape", input_shape), ("--dynamic-batch", config.dynamic_batch))
+                   if given]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)} cannot be used with an ONNX file as MODEL")
+    return export_factorized_onnx(model, out, fconfig, config, stage=lambda s: status.update(s))
+
+
 def _print_summary(report: dict) -> None:
-    totals, onnx_info, parity = report["totals"], report["onnx"], report["parity"]
+    totals, onnx_info = report["totals"], report["onnx"]
     table = Table(title=f"{report['model']} -> {onnx_info['path']}", show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
-    table.add_row("input", "x".join(map(str, report["input_shape"])))
+    if "input_shape" in report:
+        table.add_row("input", "x".join(map(str, report["input_shape"])))
     if "method" in report:
         table.add_row("method", report["method"])
         table.add_row("factorized layers", f"{totals['factorized_layers']} (dense: {totals['dense_layers']})")
         table.add_row("params", f"{fmt_int(totals['params_dense'])} -> {fmt_int(totals['params'])}"
                       f" ({totals['params_dense'] / totals['params']:.2f}x)")
-        table.add_row("MACs", f"{fmt_int(totals['macs_dense'])} -> {fmt_int(totals['macs'])}")
+        if "macs" in totals:
+            table.add_row("MACs", f"{fmt_int(totals['macs_dense'])} -> {fmt_int(totals['macs'])}")
         table.add_row("error vs dense (rel)", f"{report['error_vs_dense']['rel_error']:.3g}")
         if "latency" in report:
             latency = report["latency"]
@@ -68,5 +89,7 @@ def _print_summary(report: dict) -> None:
         table.add_row("MACs", fmt_int(totals["macs"]))
     table.add_row("ONNX size", fmt_bytes(onnx_info["bytes"]))
     table.add_row("nodes", f"{onnx_info['nodes']} ({', '.join(f'{k} {v}' for k, v in onnx_info['op_counts'].items())})")
-    table.add_row("parity max |diff|", f"{parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:g})")
+    if "parity" in report:
+        parity = report["parity"]
+        table.add_row("parity max |diff|", f"{parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:g})")
     console.print(table)

@@ -1,0 +1,253 @@
+"""Factorize an ONNX model directly: its Conv, Gemm and MatMul nodes with constant weights, no PyTorch source.
+
+For users who have only the ONNX file. Each such node becomes the torch layer it computes (Conv1d/Conv2d
+from its attributes, Linear from its weight) inside a stand-in module tree named after the nodes
+(``features.4/Conv`` -> layer ``features.4``), so the same ``factorize_`` runs on it: the same
+decomposers, rank rules, include/exclude patterns, size floor and per-layer records. Each factorized
+layer's chain is then exported alone (the exporter of ``edgecompress.exporters``) and spliced in place of
+its node, under the names ``<layer>/<method>/<k>``. The result goes through onnxsim and the checker, and
+its output error against the original file is measured on random inputs.
+
+Methods: svd, svd-spatial, tucker, cp. Their chains are Conv/MatMul/Gemm/Add nodes that take any input
+size. TT chains bake the input's shape into Reshape nodes, so for TT factorize the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+from edgecompress import calibration, exporters, io, runtime
+from edgecompress.errors import ConfigError
+from edgecompress.export import ExportConfig
+from edgecompress.factorize import FactorizeConfig
+from edgecompress.factorize.api import FactorizeReport, factorize_
+from edgecompress.factorize.base import FactorizedLayer
+
+METHODS = ("svd", "svd-spatial", "tucker", "cp")
+
+
+def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int | None = None
+                   ) -> tuple[onnx.ModelProto, FactorizeReport]:
+    """A copy of ``model`` with its Conv/Gemm/MatMul weight nodes factorized, and the per-layer report."""
+    if config.method not in METHODS or any(s.get("method", config.method) not in (*METHODS, "dense")
+                                           for _, s in config.overrides):
+        raise ConfigError(f"an ONNX model can be factorized with {', '.join(METHODS)}; TT chains bake the input "
+                          "shape in, so for tt factorize the PyTorch model")
+    opset = opset or _opset(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = _shapes(inferred)
+    inits = {i.name: i for i in model.graph.initializer}
+    root, nodes = nn.Module(), {}
+    for node in model.graph.node:
+        layer = _as_layer(node, inits)
+        if layer is not None:
+            name = _place(root, _layer_name(node), layer)
+            nodes[name] = node
+    report = factorize_(root, config)
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    for record in report.factorized:
+        node = nodes[record.name]
+        shape = shapes.get(node.input[0])
+        if shape is None:
+            raise ConfigError(f"the input shape of node {node.name!r} is unknown (ONNX shape inference found none): "
+                              "give the model static input shapes, or exclude that layer")
+        chain = root.get_submodule(record.name)
+        _splice(new, node, record.name, chain, shape, opset)
+    _drop_unused_initializers(new)
+    return new, report
+
+
+def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeConfig,
+                           export_config: ExportConfig = ExportConfig(),
+                           stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``edgecompress export model.onnx --method ...``: factorize the file, simplify, check, measure the
+    output error against the original on random inputs, write ``out``; return the report dict."""
+    stage = stage or (lambda _: None)
+    start = time.perf_counter()
+    io.ensure_writable(out)
+    original = runtime.load_onnx(path)
+    stage("factorize")
+    proto, report = factorize_onnx(original, config)
+    simplified = False
+    if export_config.simplify:
+        stage("simplify")
+        proto, simplified = exporters.simplify(proto)
+    exporters.check_model(proto)
+    stage("error against the original")
+    error = _output_error(original, proto, export_config.parity_samples, export_config.seed)
+    data = proto.SerializeToString()
+    io.write_bytes(out, data)
+    params = sum(int(np.prod(i.dims)) for i in original.graph.initializer)
+    params_after = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
+    return {
+        "model": str(path), "source": "onnx", "method": config.method, "layers": [r.to_dict() for r in report.layers],
+        "totals": {**report.totals(), "params": params_after, "params_dense": params},
+        "onnx": {"path": str(out), "bytes": len(data), "opset": _opset(proto), "simplified": simplified,
+                 "nodes": len(proto.graph.node), "op_counts": exporters.op_counts(proto),
+                 "seconds": round(time.perf_counter() - start, 3)},
+        "error_vs_dense": error,
+    }
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, unknown dimensions (a dynamic batch) taken as 1; tensors of unknown rank left out."""
+    shapes = {}
+    for value in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                                       for d in t.shape.dim)
+    return shapes
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _array(inits: dict, name: str) -> np.ndarray | None:
+    return numpy_helper.to_array(inits[name]).astype(np.float32) if name in inits else None
+
+
+def _as_layer(node: onnx.NodeProto, inits: dict) -> nn.Module | None:
+    """The torch layer ``node`` computes, or None when it is not a weight layer this can rebuild."""
+    if len(node.input) < 2 or node.input[1] not in inits or inits[node.input[1]].data_type != onnx.TensorProto.FLOAT:
+        return None
+    weight = _array(inits, node.input[1])
+    bias = _array(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if len(node.input) > 2 and node.input[2] and bias is None:
+        return None  # a computed bias
+    a = _attrs(node)
+    if node.op_type == "Conv" and weight.ndim in (3, 4):
+        return _conv(weight, bias, a)
+    if node.op_type == "Gemm" and weight.ndim == 2 and not a.get("transA", 0):
+        weight = (weight if a.get("transB", 0) else weight.T) * a.get("alpha", 1.0)
+        if bias is not None and (bias.ndim != 1 or bias.shape[0] != weight.shape[0]):
+            return None  # a bias broadcast over rows: not a Linear's
+        return _linear(weight, None if bias is None else bias * a.get("beta", 1.0))
+    if node.op_type == "MatMul" and weight.ndim == 2:
+        return _linear(weight.T, None)
+    return None
+
+
+def _conv(weight: np.ndarray, bias: np.ndarray | None, a: dict) -> nn.Module | None:
+    dims = weight.ndim - 2
+    pads = list(a.get("pads", [0] * 2 * dims))
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:dims] != pads[dims:]:
+        return None  # asymmetric or automatic padding: no torch Conv padding equals it
+    groups = int(a.get("group", 1))
+    cls = nn.Conv2d if dims == 2 else nn.Conv1d
+    layer = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=tuple(a.get("strides", [1] * dims)),
+                padding=tuple(pads[:dims]), dilation=tuple(a.get("dilations", [1] * dims)), groups=groups,
+                bias=bias is not None)
+    return _load(layer, weight, bias)
+
+
+def _linear(weight: np.ndarray, bias: np.ndarray | None) -> nn.Module:
+    return _load(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None), weight, bias)
+
+
+def _load(layer: nn.Module, weight: np.ndarray, bias: np.ndarray | None) -> nn.Module:
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        if bias is not None:
+            layer.bias.copy_(torch.from_numpy(bias))
+    return layer.eval()
+
+
+def _layer_name(node: onnx.NodeProto) -> str:
+    """``features.4/Conv`` -> ``features.4``; other names made into a dotted path of safe parts."""
+    name = node.name or node.output[0]
+    if "/" in name and not name.startswith("/"):
+        name = name.rsplit("/", 1)[0]
+    parts = [re.sub(r"[^0-9A-Za-z_-]+", "_", p).strip("_") or "node" for p in name.strip("/").split(".")]
+    return ".".join(f"{p}_" if hasattr(nn.Module, p) else p for p in parts)  # 'train', 'eval', ... are taken
+
+
+def _place(root: nn.Module, name: str, layer: nn.Module) -> str:
+    """Put ``layer`` at the dotted path ``name``; on a clash, at a fresh flat name. Returns the path used."""
+    path, flat, k = name, name.replace(".", "_"), 1
+    while not _free(root, path):  # ends: a flat name has no parents, and each try is a new leaf
+        path, k = (flat if k == 1 else f"{flat}_{k}"), k + 1
+    module = root
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if part not in module._modules:
+            module.add_module(part, nn.Module())
+        module = module._modules[part]
+    module.add_module(leaf, layer)
+    return path
+
+
+def _free(root: nn.Module, path: str) -> bool:
+    """Whether ``path`` can hold a new layer: its parents are absent or plain containers, the leaf absent."""
+    module = root
+    *parents, leaf = path.split(".")
+    for part in parents:
+        child = module._modules.get(part)
+        if child is None:
+            return True
+        if type(child) is not nn.Module:  # a layer cannot hold another layer
+            return False
+        module = child
+    return leaf not in module._modules
+
+
+def _splice(model: onnx.ModelProto, node: onnx.NodeProto, name: str, chain: FactorizedLayer,
+            shape: tuple[int, ...], opset: int) -> None:
+    """Replace ``node`` in ``model`` by the exported ``chain`` (inputs and outputs rewired, names prefixed)."""
+    sub = exporters.export_onnx(chain, [torch.zeros(shape)], opset=opset)
+    prefix = f"{name}/{chain.method}"
+    outer = {sub.graph.input[0].name: node.input[0], sub.graph.output[0].name: node.output[0]}
+
+    def rename(tensor: str) -> str:
+        return outer.get(tensor, f"{prefix}/{tensor}" if tensor else tensor)
+
+    for init in sub.graph.initializer:
+        init.name = rename(init.name)
+    new_nodes = []
+    for k, n in enumerate(sub.graph.node):
+        n.input[:] = [rename(t) for t in n.input]
+        n.output[:] = [rename(t) for t in n.output]
+        n.name = f"{prefix}/{k}"
+        new_nodes.append(n)
+    index = list(model.graph.node).index(node)
+    nodes = list(model.graph.node)
+    nodes[index:index + 1] = new_nodes
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(sub.graph.initializer)
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _output_error(original: onnx.ModelProto, factorized: onnx.ModelProto, count: int, seed: int) -> dict[str, float]:
+    """Max |difference| and relative L2 error of the outputs, factorized vs original, on random inputs."""
+    samples = calibration.random_samples(original, count, seed)
+    a, b = runtime.make_session(original), runtime.make_session(factorized)
+    num = den = worst = 0.0
+    for sample in samples:
+        for x, y in zip(a.run(None, dict(sample)), b.run(None, dict(sample))):
+            diff = np.asarray(x, np.float64) - np.asarray(y, np.float64)
+            num, den = num + float((diff ** 2).sum()), den + float((np.asarray(x, np.float64) ** 2).sum())
+            worst = max(worst, float(np.abs(diff).max(initial=0.0)))
+    return {"max_abs_diff": worst, "rel_error": (num / den) ** 0.5 if den else 0.0, "samples": len(samples)}

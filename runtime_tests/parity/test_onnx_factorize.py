@@ -1,0 +1,129 @@
+"""Factorizing an ONNX file directly (edgecompress.onnx_factorize) gives what factorizing the PyTorch
+model gives: the same chains, the same numbers (max |difference| <= 1e-5 on random inputs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch.nn as nn
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from edgecompress import calibration, runtime
+from edgecompress.cli import main
+from edgecompress.errors import ConfigError
+from edgecompress.export import export
+from edgecompress.factorize import FactorizeConfig
+from edgecompress.loading import InputSpec, LoadedModel
+from edgecompress.onnx_factorize import export_factorized_onnx, factorize_onnx
+
+
+def _outputs(model: onnx.ModelProto, samples) -> list[np.ndarray]:
+    session = runtime.make_session(model)
+    return [session.run(None, dict(s))[0] for s in samples]
+
+
+def _same_as_torch_path(tmp_path, loaded, config: FactorizeConfig, tolerance: float = 1e-5):
+    dense, via_torch, via_onnx = tmp_path / "dense.onnx", tmp_path / "torch.onnx", tmp_path / "onnx.onnx"
+    export(loaded, dense)
+    export(loaded, via_torch, factorize_config=config)
+    report = export_factorized_onnx(dense, via_onnx, config)
+    a, b = onnx.load(str(via_torch)), onnx.load(str(via_onnx))
+    samples = calibration.random_samples(a, 2, 0)
+    for x, y in zip(_outputs(a, samples), _outputs(b, samples)):
+        assert np.abs(x - y).max() <= tolerance * max(1.0, np.abs(x).max())
+    return report, b
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker", "cp", "svd-spatial"])
+def test_onnx_path_equals_the_torch_path_on_cifar_conv(tmp_path, method):
+    report, model = _same_as_torch_path(tmp_path, "cifar_conv", FactorizeConfig(method=method, ratio=4))
+    assert report["totals"]["factorized_layers"] >= 4 and report["totals"]["params_dense"] / report["totals"]["params"] > 3
+    assert report["error_vs_dense"]["rel_error"] > 0
+    names = [n.name for n in model.graph.node]
+    assert f"features.4/{'svd' if method == 'svd' else method}/0" in names
+    assert not any(n.op_type == "Einsum" for n in model.graph.node)
+
+
+class _Variants(nn.Module):
+    """Conv2d strides, dilation, groups, no bias; Conv1d; Linear on a 3-D activation (MatMul + Add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.strided = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(32, 32, 3, padding=2, dilation=2, bias=False)
+        self.grouped = nn.Conv2d(32, 64, 3, padding=1, groups=2)
+        self.seq = nn.Conv1d(64, 64, 3, padding=1)
+        self.head = nn.Linear(64, 48)
+
+    def forward(self, x):
+        x = self.grouped(self.dilated(self.strided(x)))
+        x = self.seq(x.flatten(2))
+        return self.head(x.transpose(1, 2))
+
+
+def test_conv_variants_and_3d_linears_match_the_torch_path(tmp_path):
+    loaded = LoadedModel("variants", _Variants().eval(), InputSpec((1, 16, 16, 16), "float32"))
+    report, _ = _same_as_torch_path(tmp_path, loaded, FactorizeConfig(method="tucker", ratio=2, rank_multiple=1))
+    assert {r["name"]: r["method"] for r in report["layers"]} == {
+        "strided": "tucker", "dilated": "tucker", "grouped": "tucker", "seq": "tucker", "head": "svd"}
+
+
+def test_gemm_alpha_beta_and_untransposed_weight_are_folded(tmp_path):
+    rng = np.random.default_rng(0)
+    b = (rng.standard_normal((64, 8)) @ rng.standard_normal((8, 128))).astype(np.float32)  # rank 8, K x N
+    c = rng.standard_normal(128).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="fc/Gemm", alpha=2.0, beta=0.5, transB=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(c, "C")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    factorized, report = factorize_onnx(model, FactorizeConfig(method="svd", rank=8, rank_multiple=1))
+    (record,) = report.layers
+    assert record.name == "fc" and record.method == "svd" and record.ranks == [8] and record.rel_error < 1e-5
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    expected = 2.0 * x @ b + 0.5 * c
+    (got,) = runtime.make_session(factorized).run(None, {"x": x})
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_tt_is_refused_with_the_reason():
+    model = onnx.load_from_string(b"")  # never reached: the method is checked first
+    with pytest.raises(ConfigError, match="TT chains bake the input shape"):
+        factorize_onnx(model, FactorizeConfig(method="tt", ratio=4))
+
+
+def test_cli_exports_an_onnx_file_and_refuses_what_does_not_apply(tmp_path):
+    runner = CliRunner()
+    dense = tmp_path / "dense.onnx"
+    export("cifar_conv", dense)
+    out, report_path = tmp_path / "f.onnx", tmp_path / "f.json"
+    result = runner.invoke(main, ["export", str(dense), "--method", "tucker", "--ratio", "4", "-o", str(out),
+                                  "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["source"] == "onnx" and report["onnx"]["bytes"] == out.stat().st_size
+    for args, message in (([], "give --method"),
+                          (["--method", "svd", "--keep-faster"], "--keep-faster cannot be used with an ONNX file")):
+        target = tmp_path / "refused.onnx"
+        result = runner.invoke(main, ["export", str(dense), *args, "-o", str(target)])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+        assert not target.exists()
+
+
+def test_layer_names_from_node_names_never_clash():
+    from edgecompress.onnx_factorize import _layer_name, _place
+
+    root = nn.Module()
+    placed = [_place(root, name, nn.Linear(2, 2)) for name in ("a.b", "a.b", "a.b.c", "a", "a_b")]
+    assert placed == ["a.b", "a_b", "a_b_c", "a_2", "a_b_2"]
+    assert all(isinstance(root.get_submodule(p), nn.Linear) for p in placed)
+    node = lambda name: helper.make_node("Conv", ["x", "w"], ["out"], name=name)  # noqa: E731
+    assert [_layer_name(node(n)) for n in ("features.4/Conv", "/layer1/conv/Conv", "", "train/Conv")] == [
+        "features.4", "layer1_conv_Conv", "out", "train_"]
