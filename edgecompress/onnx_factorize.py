@@ -46,7 +46,7 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
     opset = opset or _opset(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = _shapes(inferred)
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = _constants(model)
     root, nodes = nn.Module(), {}
     for node in model.graph.node:
         layer = _as_layer(node, inits)
@@ -115,6 +115,18 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Tensor name -> value for initializers, Constant nodes and Identity nodes of those (torch.onnx
+    writes a repeated constant once and feeds the other uses through Identity nodes)."""
+    constants = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+    return constants
+
+
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -170,11 +182,22 @@ def _load(layer: nn.Module, weight: np.ndarray, bias: np.ndarray | None) -> nn.M
 
 
 def _layer_name(node: onnx.NodeProto) -> str:
-    """``features.4/Conv`` -> ``features.4``; other names made into a dotted path of safe parts."""
-    name = node.name or node.output[0]
-    if "/" in name and not name.startswith("/"):
+    """The layer path a node stands for: ``features.4/Conv`` (our exports) -> ``features.4``;
+    ``/layer1/layer1.0/conv1/Conv`` (torch.onnx scope names) -> ``layer1.0.conv1``; otherwise the node or
+    output name, made into a dotted path of safe parts."""
+    name = node.name
+    if name.startswith("/"):
+        scopes: list[str] = []
+        for scope in name.strip("/").split("/")[:-1]:  # a scope is a child's name, or qualified from its parent's
+            if scopes and scope.startswith(scopes[-1] + "."):
+                scopes[-1] = scope
+            else:
+                scopes.append(scope)
+        name = ".".join(scopes)
+    elif "/" in name and not name.startswith("/"):
         name = name.rsplit("/", 1)[0]
-    parts = [re.sub(r"[^0-9A-Za-z_-]+", "_", p).strip("_") or "node" for p in name.strip("/").split(".")]
+    name = name.strip("/") or node.output[0]
+    parts = [re.sub(r"[^0-9A-Za-z_-]+", "_", p).strip("_") or "node" for p in name.split(".")]
     return ".".join(f"{p}_" if hasattr(nn.Module, p) else p for p in parts)  # 'train', 'eval', ... are taken
 
 

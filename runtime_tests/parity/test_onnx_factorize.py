@@ -125,5 +125,29 @@ def test_layer_names_from_node_names_never_clash():
     assert placed == ["a.b", "a_b", "a_b_c", "a_2", "a_b_2"]
     assert all(isinstance(root.get_submodule(p), nn.Linear) for p in placed)
     node = lambda name: helper.make_node("Conv", ["x", "w"], ["out"], name=name)  # noqa: E731
-    assert [_layer_name(node(n)) for n in ("features.4/Conv", "/layer1/conv/Conv", "", "train/Conv")] == [
-        "features.4", "layer1_conv_Conv", "out", "train_"]
+    names = ("features.4/Conv", "/layer1/layer1.0/conv1/Conv", "/layer2/layer2.0/downsample/downsample.0/Conv",
+             "/features/features.0/Conv", "/Conv", "", "train/Conv")
+    assert [_layer_name(node(n)) for n in names] == [
+        "features.4", "layer1.0.conv1", "layer2.0.downsample.0", "features.0", "out", "out", "train_"]
+
+
+def test_a_plain_torch_onnx_export_with_dynamic_batch(tmp_path):
+    """Names from torch.onnx's scopes, repeated constants behind Identity nodes, a dynamic batch."""
+    import warnings
+
+    import torch
+
+    from edgecompress.models import create_model
+
+    path = tmp_path / "raw.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(create_model("resnet18_cifar").eval(), torch.randn(1, 3, 32, 32), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    report = export_factorized_onnx(path, tmp_path / "svd.onnx", FactorizeConfig(method="svd", ratio=4))
+    names = [r["name"] for r in report["layers"]]
+    assert "layer1.0.conv1" in names and "layer2.0.downsample.0" in names and "fc" in names
+    assert report["totals"]["factorized_layers"] == 21 and report["totals"]["params_dense"] / report["totals"]["params"] > 4
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (out,) = runtime.make_session(str(tmp_path / "svd.onnx")).run(None, {"x": x})
+    assert out.shape == (3, 10)
