@@ -64,7 +64,7 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
                               "give the model static input shapes, or exclude that layer")
         chain = root.get_submodule(record.name)
         _splice(new, node, record.name, chain, shape, opset)
-    _drop_unused_initializers(new)
+    exporters.drop_unused_initializers(new)
     return new, report
 
 
@@ -254,13 +254,6 @@ def _splice(model: onnx.ModelProto, node: onnx.NodeProto, name: str, chain: Fact
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(sub.graph.initializer)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
 
 
 def _output_error(original: onnx.ModelProto, factorized: onnx.ModelProto, count: int, seed: int) -> dict[str, float]:

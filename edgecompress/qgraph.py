@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgecompress import exporters
 from edgecompress.equalize import WEIGHT_OPS
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,7 @@ def _drop_zero_points(model: onnx.ModelProto, weight_ops: tuple[str, ...]) -> No
         is_bias = inits[node.input[0]].data_type == onnx.TensorProto.INT32
         if is_bias or all(op in weight_ops for op in consumers.get(node.output[0], ["?"])):
             del node.input[2]
-    used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    exporters.drop_unused_initializers(model)
 
 
 def _short_names(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> None:

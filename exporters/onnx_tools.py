@@ -54,6 +54,14 @@ def check_model(model: onnx.ModelProto) -> None:
         raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove, in place, the initializers no node reads and no graph output names (after a rewrite)."""
+    used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """How many nodes of each op type the main graph has, sorted by name."""
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
