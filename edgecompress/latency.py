@@ -64,13 +64,25 @@ def keep_faster_(factorized: nn.Module, dense: nn.Module, report: FactorizeRepor
     ``factorized`` (in place) where the chain is not ``min_speedup`` faster; updates ``report``'s records.
     Returns a summary: kept and reverted layer names, whole-graph node time before and after."""
     runtime.resolve_provider(config.provider)  # an unavailable provider fails before any export
-    chains = [r for r in report.layers if r.method != "dense"]
-    if not chains:
+    if not report.factorized:
         return {"kept": [], "reverted": [], "config": dataclasses.asdict(config)}
+    chains = [r.name for r in report.factorized]
     base, fact = (_layer_ms(m, inputs, config) for m in (dense, factorized))
-    rows = {row["layer"]: row for row in profile.compare_layers(base["layers_ms"], fact["layers_ms"])}
-    kept, reverted = [], []
-    for record in chains:
+    reverted = keep_faster_records(report, base["layers_ms"], fact["layers_ms"], config)
+    for name in reverted:
+        factorized.set_submodule(name, copy.deepcopy(dense.get_submodule(name)))
+    return {"kept": [n for n in chains if n not in reverted], "reverted": reverted, "dense_node_ms": base["node_ms"],
+            "factorized_node_ms": fact["node_ms"], "config": dataclasses.asdict(config)}
+
+
+def keep_faster_records(report: FactorizeReport, dense_ms: dict[str, float], factorized_ms: dict[str, float],
+                        config: LatencyConfig) -> list[str]:
+    """The decision on per-layer profile times (layer -> ms, as ``edgecompress.profile`` gives them): every
+    factorized record gets ``details["latency"]``; a record whose chain is slower than ``min_speedup``
+    becomes dense with the measured reason. Returns the names made dense; the caller swaps the layers."""
+    rows = {row["layer"]: row for row in profile.compare_layers(dense_ms, factorized_ms)}
+    reverted = []
+    for record in report.factorized:
         row = rows.get(record.name, {})
         speedup = row.get("speedup")
         record.details["latency"] = {"dense_ms": row.get("baseline_ms"), "chain_ms": row.get("ms"), "speedup": speedup,
@@ -78,34 +90,32 @@ def keep_faster_(factorized: nn.Module, dense: nn.Module, report: FactorizeRepor
                                      "precision": config.precision}
         if speedup is None:
             record.notes.append("latency not measured: the profiler attributed no time to this layer; kept as chosen")
-        elif record.type in SIZE_ONLY and speedup < config.min_speedup:
+            continue
+        if speedup >= config.min_speedup:
+            continue
+        if record.type in SIZE_ONLY:
             record.notes.append(f"{record.type} is factorized for size (a lookup has no compute to save): kept "
                                 f"although its chain ran {speedup:.2f}x the dense lookup's speed")
-            speedup = None
-        if speedup is None or speedup >= config.min_speedup:
-            kept.append(record.name)
             continue
-        factorized.set_submodule(record.name, copy.deepcopy(dense.get_submodule(record.name)))
         record.method, record.ranks = "dense", []
         record.params_after, record.macs_after, record.rel_error = record.params_before, record.macs_before, None
         record.reason = (f"its {row['ms']:.4f} ms chain ran {speedup:.2f}x the dense layer's speed "
                          f"({row['baseline_ms']:.4f} ms) on {config.provider}, {config.threads} thread(s), "
                          f"{config.precision}: kept dense")
         reverted.append(record.name)
-    return {"kept": kept, "reverted": reverted, "dense_node_ms": base["node_ms"], "factorized_node_ms": fact["node_ms"],
-            "config": dataclasses.asdict(config)}
+    return reverted
 
 
 def _layer_ms(module: nn.Module, inputs: Sequence[torch.Tensor], config: LatencyConfig) -> dict[str, Any]:
     proto, _ = exporters.simplify(exporters.export_onnx(module, list(inputs)))
     feeds = {i.name: x.numpy() for i, x in zip(proto.graph.input, inputs)}
     if config.precision == "int8":
-        proto = _int8(proto, config.provider)
+        proto = int8_model(proto, config.provider)
     result = profile.profile(proto, config.provider, config.threads, feeds, config.runs)
     return {"layers_ms": result.layers, "node_ms": result.node_ms}
 
 
-def _int8(proto, provider: str):
+def int8_model(proto, provider: str):
     """``proto`` quantized with quantize's defaults for the provider's target. The calibration data is
     random: the scales it gives change no kernel, and kernels are what is timed."""
     import onnx

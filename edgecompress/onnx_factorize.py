@@ -14,6 +14,7 @@ size. TT chains bake the input's shape into Reshape nodes, so for TT factorize t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -36,24 +37,38 @@ from edgecompress.factorize.base import FactorizedLayer
 METHODS = ("svd", "svd-spatial", "tucker", "cp")
 
 
-def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int | None = None
-                   ) -> tuple[onnx.ModelProto, FactorizeReport]:
-    """A copy of ``model`` with its Conv/Gemm/MatMul weight nodes factorized, and the per-layer report."""
+def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int | None = None,
+                   latency_config=None) -> tuple[onnx.ModelProto, FactorizeReport]:
+    """A copy of ``model`` with its Conv/Gemm/MatMul weight nodes factorized, and the per-layer report.
+    With a ``LatencyConfig``, chains that do not run faster than their node go back to the node
+    (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so)."""
     if config.method not in METHODS or any(s.get("method", config.method) not in (*METHODS, "dense")
                                            for _, s in config.overrides):
         raise ConfigError(f"an ONNX model can be factorized with {', '.join(METHODS)}; TT chains bake the input "
                           "shape in, so for tt factorize the PyTorch model")
+    if latency_config is not None:
+        runtime.resolve_provider(latency_config.provider)  # an unavailable provider fails before any work
     opset = opset or _opset(model)
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = _shapes(inferred)
-    inits = _constants(model)
-    root, nodes = nn.Module(), {}
+    constants, root, nodes = _constants(model), nn.Module(), {}
     for node in model.graph.node:
-        layer = _as_layer(node, inits)
+        layer = _as_layer(node, constants)
         if layer is not None:
-            name = _place(root, _layer_name(node), layer)
-            nodes[name] = node
+            nodes[_place(root, _layer_name(node), layer)] = node
     report = factorize_(root, config)
+    new = _build(model, root, nodes, report, opset)
+    if latency_config is not None and report.factorized:
+        from edgecompress.latency import keep_faster_records
+
+        layers_ms = [_layers_ms(m, latency_config) for m in (_named_like_layers(model, nodes), new)]
+        if keep_faster_records(report, *layers_ms, latency_config):
+            new = _build(model, root, nodes, report, opset)
+    return new, report
+
+
+def _build(model: onnx.ModelProto, root: nn.Module, nodes: dict[str, onnx.NodeProto], report: FactorizeReport,
+           opset: int) -> onnx.ModelProto:
+    """A copy of ``model`` with the node of every factorized record replaced by its chain."""
+    shapes = _shapes(onnx.shape_inference.infer_shapes(model))
     new = onnx.ModelProto()
     new.CopyFrom(model)
     for record in report.factorized:
@@ -62,23 +77,48 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
         if shape is None:
             raise ConfigError(f"the input shape of node {node.name!r} is unknown (ONNX shape inference found none): "
                               "give the model static input shapes, or exclude that layer")
-        chain = root.get_submodule(record.name)
-        _splice(new, node, record.name, chain, shape, opset)
+        _splice(new, _same_node(new, node), record.name, root.get_submodule(record.name), shape, opset)
     exporters.drop_unused_initializers(new)
-    return new, report
+    return new
+
+
+def _same_node(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.output[0] == node.output[0] and n.op_type == node.op_type)
+
+
+def _named_like_layers(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto]) -> onnx.ModelProto:
+    """A copy whose weight nodes are named ``<layer>/<op>``, so the profiler charges them to the same
+    layers as the factorized file's ``<layer>/<method>/<k>`` chains."""
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    by_output = {node.output[0]: name for name, node in nodes.items()}
+    for node in renamed.graph.node:
+        if node.output[0] in by_output:
+            node.name = f"{by_output[node.output[0]]}/{node.op_type}"
+    return renamed
+
+
+def _layers_ms(model: onnx.ModelProto, config) -> dict[str, float]:
+    from edgecompress import profile
+    from edgecompress.latency import int8_model
+
+    if config.precision == "int8":
+        model = int8_model(model, config.provider)
+    feeds = calibration.random_samples(model, 1, 0)[0]
+    return profile.profile(model, config.provider, config.threads, feeds, config.runs).layers
 
 
 def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeConfig,
                            export_config: ExportConfig = ExportConfig(),
-                           stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+                           stage: Callable[[str], None] | None = None, latency_config=None) -> dict[str, Any]:
     """``edgecompress export model.onnx --method ...``: factorize the file, simplify, check, measure the
     output error against the original on random inputs, write ``out``; return the report dict."""
     stage = stage or (lambda _: None)
     start = time.perf_counter()
     io.ensure_writable(out)
     original = runtime.load_onnx(path)
-    stage("factorize")
-    proto, report = factorize_onnx(original, config)
+    stage("factorize" if latency_config is None else f"factorize, then time each layer on {latency_config.provider}")
+    proto, report = factorize_onnx(original, config, latency_config=latency_config)
     simplified = False
     if export_config.simplify:
         stage("simplify")
@@ -88,6 +128,10 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
     error = _output_error(original, proto, export_config.parity_samples, export_config.seed)
     data = proto.SerializeToString()
     io.write_bytes(out, data)
+    latency = None
+    if latency_config is not None:
+        latency = {"kept": [r.name for r in report.factorized], "config": dataclasses.asdict(latency_config),
+                   "reverted": [r.name for r in report.layers if r.method == "dense" and "latency" in r.details]}
     params = sum(int(np.prod(i.dims)) for i in original.graph.initializer)
     params_after = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
     return {
@@ -97,6 +141,7 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
                  "nodes": len(proto.graph.node), "op_counts": exporters.op_counts(proto),
                  "seconds": round(time.perf_counter() - start, 3)},
         "error_vs_dense": error,
+        **({"latency": latency} if latency else {}),
     }
 
 

@@ -57,12 +57,11 @@ def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape
 
     if fconfig is None:
         raise ConfigError(f"{model} is already ONNX: give --method (svd, svd-spatial, tucker, cp) to factorize it")
-    unsupported = [flag for flag, given in (("--keep-faster", lconfig), ("--weights", weights),
-                                            ("--input-shape", input_shape), ("--dynamic-batch", config.dynamic_batch))
-                   if given]
+    unsupported = [flag for flag, given in (("--weights", weights), ("--input-shape", input_shape),
+                                            ("--dynamic-batch", config.dynamic_batch)) if given]
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)} cannot be used with an ONNX file as MODEL")
-    return export_factorized_onnx(model, out, fconfig, config, stage=lambda s: status.update(s))
+    return export_factorized_onnx(model, out, fconfig, config, stage=lambda s: status.update(s), latency_config=lconfig)
 
 
 def _print_summary(report: dict) -> None:

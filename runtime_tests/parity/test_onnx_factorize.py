@@ -108,7 +108,7 @@ def test_cli_exports_an_onnx_file_and_refuses_what_does_not_apply(tmp_path):
     report = json.loads(report_path.read_text())
     assert report["source"] == "onnx" and report["onnx"]["bytes"] == out.stat().st_size
     for args, message in (([], "give --method"),
-                          (["--method", "svd", "--keep-faster"], "--keep-faster cannot be used with an ONNX file")):
+                          (["--method", "svd", "--weights", str(dense)], "--weights cannot be used with an ONNX file")):
         target = tmp_path / "refused.onnx"
         result = runner.invoke(main, ["export", str(dense), *args, "-o", str(target)])
         assert result.exit_code == 2, result.output
@@ -151,3 +151,21 @@ def test_a_plain_torch_onnx_export_with_dynamic_batch(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     (out,) = runtime.make_session(str(tmp_path / "svd.onnx")).run(None, {"x": x})
     assert out.shape == (3, 10)
+
+
+def test_keep_faster_on_an_onnx_file_puts_slower_chains_back(tmp_path):
+    from edgecompress.latency import LatencyConfig
+
+    dense = tmp_path / "dense.onnx"
+    export("cifar_conv", dense)
+    # min_speedup 1e9: no chain can pass, so every node comes back exactly as it was
+    report = export_factorized_onnx(dense, tmp_path / "kf.onnx", FactorizeConfig(method="tucker", ratio=4),
+                                    latency_config=LatencyConfig(runs=3, min_speedup=1e9))
+    assert report["latency"]["kept"] == [] and len(report["latency"]["reverted"]) == 5
+    assert all(r["method"] == "dense" and r["details"]["latency"]["chain_ms"] > 0 for r in report["layers"])
+    assert report["error_vs_dense"]["max_abs_diff"] == 0.0
+    # min_speedup 1e-9: every chain passes, each with its measured speedup
+    report = export_factorized_onnx(dense, tmp_path / "kf2.onnx", FactorizeConfig(method="tucker", ratio=4),
+                                    latency_config=LatencyConfig(runs=3, min_speedup=1e-9, precision="int8"))
+    assert len(report["latency"]["kept"]) == 5 and report["latency"]["reverted"] == []
+    assert all(r["details"]["latency"]["speedup"] > 0 for r in report["layers"])
