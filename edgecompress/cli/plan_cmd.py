@@ -24,7 +24,8 @@ from edgecompress.io import to_json
 def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_speedup, precision, provider, threads, **fopts):
     """Show what factorizing MODEL would do, layer by layer, without exporting.
 
-    MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory.
+    MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory,
+    or an ONNX file (its Conv/Gemm/MatMul weight nodes; methods svd, svd-spatial, tucker, cp).
     """
     from edgecompress.factorize import plan
 
@@ -33,9 +34,17 @@ def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_
         raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...)")
     latency = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
     with err_console.status("factorizing") as status:
-        report = plan(model, config, weights, input_shape, input_dtype,
-                      progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
-                      latency_config=latency)
+        if model.endswith(".onnx"):
+            from edgecompress.onnx_factorize import factorize_onnx
+            from edgecompress.runtime import load_onnx
+
+            if weights or input_shape:
+                raise ConfigError("--weights and --input-shape cannot be used with an ONNX file as MODEL")
+            _, report = factorize_onnx(load_onnx(model), config, latency_config=latency)
+        else:
+            report = plan(model, config, weights, input_shape, input_dtype,
+                          progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
+                          latency_config=latency)
     if as_json:
         click.echo(to_json({"model": model, **report.to_dict()}))
         return

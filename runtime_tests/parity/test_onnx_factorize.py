@@ -169,3 +169,13 @@ def test_keep_faster_on_an_onnx_file_puts_slower_chains_back(tmp_path):
                                     latency_config=LatencyConfig(runs=3, min_speedup=1e-9, precision="int8"))
     assert len(report["latency"]["kept"]) == 5 and report["latency"]["reverted"] == []
     assert all(r["details"]["latency"]["speedup"] > 0 for r in report["layers"])
+
+
+def test_plan_reads_an_onnx_file(tmp_path):
+    dense = tmp_path / "dense.onnx"
+    export("cifar_conv", dense)
+    result = CliRunner().invoke(main, ["plan", str(dense), "--method", "cp", "--ratio", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    layers = {r["name"]: r for r in json.loads(result.output)["layers"]}
+    assert set(layers) == {"features.0", "features.4", "features.8", "features.11", "classifier"}
+    assert layers["features.4"]["method"] == "cp" and layers["features.4"]["params_before"] / layers["features.4"]["params_after"] >= 4
