@@ -123,6 +123,8 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
     if export_config.simplify:
         stage("simplify")
         proto, simplified = exporters.simplify(proto)
+    props = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**props, "edgecompress.method": config.method})
     exporters.check_model(proto)
     stage("error against the original")
     error = _output_error(original, proto, export_config.parity_samples, export_config.seed)
@@ -193,6 +195,8 @@ def _as_layer(node: onnx.NodeProto, inits: dict) -> nn.Module | None:
         return _conv(weight, bias, a)
     if node.op_type == "Gemm" and weight.ndim == 2 and not a.get("transA", 0):
         weight = (weight if a.get("transB", 0) else weight.T) * a.get("alpha", 1.0)
+        if bias is not None and bias.size == weight.shape[0] and bias.ndim == 2 and bias.shape[0] == 1:
+            bias = bias.reshape(-1)  # (1, N) broadcasts like (N,)
         if bias is not None and (bias.ndim != 1 or bias.shape[0] != weight.shape[0]):
             return None  # a bias broadcast over rows: not a Linear's
         return _linear(weight, None if bias is None else bias * a.get("beta", 1.0))

@@ -75,7 +75,7 @@ def test_conv_variants_and_3d_linears_match_the_torch_path(tmp_path):
 def test_gemm_alpha_beta_and_untransposed_weight_are_folded(tmp_path):
     rng = np.random.default_rng(0)
     b = (rng.standard_normal((64, 8)) @ rng.standard_normal((8, 128))).astype(np.float32)  # rank 8, K x N
-    c = rng.standard_normal(128).astype(np.float32)
+    c = rng.standard_normal((1, 128)).astype(np.float32)  # a (1, N) bias broadcasts like (N,)
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="fc/Gemm", alpha=2.0, beta=0.5, transB=0)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
@@ -107,6 +107,8 @@ def test_cli_exports_an_onnx_file_and_refuses_what_does_not_apply(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["source"] == "onnx" and report["onnx"]["bytes"] == out.stat().st_size
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["edgecompress.model"] == "cifar_conv" and props["edgecompress.method"] == "tucker"  # quantize reads them
     for args, message in (([], "give --method"),
                           (["--method", "svd", "--weights", str(dense)], "--weights cannot be used with an ONNX file")):
         target = tmp_path / "refused.onnx"
