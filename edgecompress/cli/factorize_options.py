@@ -80,7 +80,7 @@ def latency_config_from(keep_faster, min_speedup, precision, provider, threads):
         unused = [flag for flag, changed in (("--precision", precision != "fp32"), ("--provider", provider != "cpu"),
                                              ("--threads", threads != 1)) if changed]
         if unused:
-            raise ConfigError(f"{'/'.join(unused)} only say how --keep-faster times the layers: add --keep-faster")
+            raise ConfigError(f"{'/'.join(unused)}: only used by --keep-faster (how it times the layers); add --keep-faster")
         return None
     return LatencyConfig(provider=provider, threads=threads, min_speedup=1.0 if min_speedup is None else min_speedup,
                          precision=precision)
