@@ -3,7 +3,7 @@
 All models are timed in one process in interleaved rounds: each round runs every (model, threads)
 session once, in an order shuffled per round (seeded), so that drift (thermal, other load) hits all
 models alike. There is one session per (model, threads), spin-waiting is off (idle sessions must not
-steal the cores of the one being timed, docs/measured.md) and execution is sequential. Peak memory is
+steal the cores of the one being timed, ../shared/docs/measured.md) and execution is sequential. Peak memory is
 measured in a fresh process per (model, threads) and placement/per-layer time in a separate profiled
 session (``edgecompress.profile``), so that neither disturbs the timed runs. See docs/bench.md.
 """

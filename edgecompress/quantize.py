@@ -11,7 +11,7 @@ Defaults per target, and why (docs/quantize.md has the measurements):
   run time) for MatMul/Gather only; on text_classifier dynamic ran 1.38x faster than fp32 where static
   U8S8 ran 1.10x and S8S8 0.42x.
   Conv is left fp32 because dynamic turns it into ConvInteger, measured 5.8x *slower* than fp32 on this
-  CPU (docs/measured.md); ``dynamic_conv=True`` forces it, with a warning. Gemm is rewritten as MatMul
+  CPU (../shared/docs/measured.md); ``dynamic_conv=True`` forces it, with a warning. Gemm is rewritten as MatMul
   (+ Add) first because dynamic quantization skips Gemm, which would leave Linears and SVD factors fp32.
 - ``cuda``: QDQ only, symmetric int8 activations and weights (what TensorRT and the CUDA EP's QDQ paths
   take). Dynamic is refused: the CUDA EP has no DynamicQuantizeLinear/ConvInteger kernels, so such a
@@ -141,7 +141,7 @@ def plan_for(config: QuantizeConfig, has_data: bool, has_conv: bool = True) -> P
         per_channel = bool(config.per_channel)
         return Plan("dynamic", "qoperator", None, "int8", per_channel, "dynamic int8: weights int8, activation "
                     "scales computed at run time; Conv stays fp32 unless --dynamic-conv (ConvInteger is 5.8x slower "
-                    "than fp32 on x86, docs/measured.md)", ops)
+                    "than fp32 on x86, ../shared/docs/measured.md)", ops)
     per_channel = True if config.per_channel is None else config.per_channel
     if config.target == "cuda":
         return Plan(mode, "qdq", "int8", "int8", per_channel, "CUDA: QDQ, symmetric int8 activations and weights",

@@ -70,7 +70,7 @@ def resolve_provider(name: str) -> str:
 
 def session_options(threads: int | None = None, sequential: bool = True, spinning: bool = False, profile_prefix: str | None = None):
     """Session options for timing: fixed intra-op threads, spin-waiting off by default so that
-    sessions interleaved in one process do not steal each other's cores (docs/measured.md)."""
+    sessions interleaved in one process do not steal each other's cores (../shared/docs/measured.md)."""
     ort = ort_module()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
