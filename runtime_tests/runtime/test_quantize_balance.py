@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from edgecompress import equalize, runtime
 from edgecompress.export import export_module
-from edgecompress.factorize import FactorizeConfig, factorize, methods
+from edgecompress.factorize import FactorizeConfig, factorize
 from edgecompress.loading import InputSpec
 from edgecompress.quantize import QuantizeConfig, quantize
 
