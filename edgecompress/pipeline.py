@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 
@@ -115,6 +116,10 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     progress = progress or Progress()
     start = time.perf_counter()
     runtime.resolve_provider(config.provider)  # an unknown or missing provider fails before any work
+    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        if weights is not None or input_shape is not None or input_dtype is not None:
+            raise ConfigError("--weights, --input-shape and --input-dtype cannot be used with an ONNX file as MODEL")
+        return _run_onnx(Path(model), Path(out_dir), config, data, progress, start)
     loaded = _loaded(model, weights, input_shape, input_dtype)
     out_dir = Path(out_dir)
     io.ensure_writable(out_dir / "report.json")
@@ -133,14 +138,108 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
         _finetune(modules, dense, data, config, report, progress)
     _export(modules, loaded, out_dir, samples, report, progress)
     if config.int8:
-        _quantize(loaded, data, out_dir, config, report, progress)
+        _quantize(_calibration(loaded, data, config), out_dir, config, report, progress)
     _bench(report, config, progress)
-    _evaluate(report, loaded, data, config, progress)
+    _evaluate(report, *_eval_inputs(loaded, data, config), config, progress)
+    return _finish(report, out_dir, start, progress)
+
+
+def _finish(report: Report, out_dir: Path, start: float, progress: Progress) -> Report:
     report.seconds = round(time.perf_counter() - start, 2)
     progress.start("report", 1)
     write_report(report, out_dir)
     progress.advance("report", "report.json, report.md, report.html")
     return report
+
+
+def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Progress, start: float) -> Report:
+    """``run`` on an ONNX file: the variants come from ``edgecompress.onnx_factorize`` (svd, svd-spatial,
+    tucker, cp); int8, bench, evaluation and the report are the same. No fine-tuning: it needs PyTorch."""
+    from edgecompress.calibration import random_samples
+    from edgecompress.factorize import FactorizeConfig
+    from edgecompress.onnx_factorize import METHODS, factorize_onnx
+    from edgecompress.quantize import ZOO_METADATA_KEY
+
+    proto = runtime.load_onnx(path)
+    io.ensure_writable(out_dir / "report.json")
+    spec = _onnx_spec(proto)
+    zoo = next((p.value for p in proto.metadata_props if p.key == ZOO_METADATA_KEY), None)
+    if data is None:
+        data = default_data(zoo) if zoo else None
+    elif not isinstance(data, RunData):
+        data = load_data(data, spec)
+    settings = {**dataclasses.asdict(config), "methods": config.method_list()}
+    report = Report(model=path.name, input_shape=list(spec.shape), config=settings,
+                    data=data.describe() if data else {"source": "random samples", "labels": False})
+    if config.finetune_epochs:
+        report.notes.append("fine-tuning skipped: it trains the PyTorch model, and MODEL is an ONNX file")
+    dense_params = _onnx_params(proto)
+    jobs = [(m, r) for m in config.method_list() for r in config.ratios]
+    progress.start("factorize", len(jobs) + 1)
+    progress.advance("factorize", "dense")
+    report.variants.append(_write_variant(Variant(name="dense", method="dense", params=dense_params, compression=1.0),
+                                          proto, out_dir))
+    for method, ratio in jobs:
+        variant = Variant(name=f"{method}-x{_fmt(ratio)}", method=method, ratio=ratio)
+        report.variants.append(variant)
+        progress.advance("factorize", variant.name)
+        if method not in METHODS:
+            _fail(variant, "factorize", f"{method} cannot factorize an ONNX file (its chains bake the input shape in): "
+                                        f"use one of {', '.join(METHODS)}, or run on the PyTorch model")
+            continue
+        t0 = time.perf_counter()
+        try:
+            fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple,
+                                      min_params=config.min_params)
+            new, frep = factorize_onnx(proto, fconfig,
+                                       latency_config=config.latency_config() if config.keep_faster else None)
+            new, _ = exporters.simplify(new)
+            exporters.check_model(new)
+        except Exception as exc:  # one variant's failure must not stop the others
+            _fail(variant, "factorize", exc)
+            continue
+        variant.layers = [r.to_dict() for r in frep.layers]
+        if not frep.factorized:
+            reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
+            _fail(variant, "factorize", f"method {method!r} factorized no layer: {'; '.join(reasons)}")
+            continue
+        variant.params = _onnx_params(new)
+        variant.compression = round(dense_params / variant.params, 4)
+        variant.seconds["factorize"] = round(time.perf_counter() - t0, 3)
+        _write_variant(variant, new, out_dir)
+    # without data: seeded random inputs, the first calib_samples + 8 calibrate, the last 64 evaluate
+    samples = random_samples(proto, config.calib_samples + 8 + 64, config.seed + 1)
+    stacked = torch.from_numpy(np.concatenate([next(iter(s.values())) for s in samples]))
+    if config.int8:
+        calib = data.train()[0] if data is not None else stacked
+        _quantize(calib[: config.calib_samples + 8].numpy(), out_dir, config, report, progress)
+    _bench(report, config, progress)
+    x, labels = data.eval(config.eval_samples) if data is not None else (stacked[-64:], None)
+    _evaluate(report, x, labels, config, progress)
+    return _finish(report, out_dir, start, progress)
+
+
+def _onnx_spec(proto: onnx.ModelProto) -> InputSpec:
+    """The first graph input's shape (unknown dimensions as 1) and dtype."""
+    from edgecompress.calibration import model_inputs
+
+    inputs = model_inputs(proto)
+    if len(inputs) != 1:
+        raise ConfigError(f"run takes a model with one input; this ONNX file has {len(inputs)}")
+    info = inputs[0]
+    return InputSpec(tuple(d or 1 for d in info.shape), "int64" if info.dtype.kind in "iu" else "float32")
+
+
+def _onnx_params(proto: onnx.ModelProto) -> int:
+    return sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
+
+
+def _write_variant(variant: Variant, proto: onnx.ModelProto, out_dir: Path) -> Variant:
+    path = out_dir / f"{variant.name}.onnx"
+    data = proto.SerializeToString()
+    io.write_bytes(path, data)
+    variant.onnx, variant.size_bytes, variant.op_counts = str(path), len(data), exporters.op_counts(proto)
+    return variant
 
 
 def _loaded(model, weights, input_shape, input_dtype) -> LoadedModel:
@@ -252,12 +351,10 @@ def _export(modules: dict[str, nn.Module], loaded: LoadedModel, out_dir: Path, s
         variant.seconds["export"] = round(time.perf_counter() - t0, 3)
 
 
-def _quantize(loaded: LoadedModel, data: RunData | None, out_dir: Path, config: RunConfig, report: Report,
-              progress: Progress) -> None:
-    """An int8 variant of every fp32 variant; each fails alone, with the reason."""
+def _quantize(calib: np.ndarray, out_dir: Path, config: RunConfig, report: Report, progress: Progress) -> None:
+    """An int8 variant of every fp32 variant, calibrated on ``calib``; each fails alone, with the reason."""
     parents = [v for v in report.variants if not v.int8]
     progress.start("quantize", len(parents))
-    calib = _calibration(loaded, data, config)
     for parent in list(parents):
         variant = Variant(name=f"{parent.name}-int8", method=parent.method, ratio=parent.ratio, int8=True,
                           params=parent.params, macs=parent.macs, compression=parent.compression, layers=parent.layers)
@@ -337,17 +434,21 @@ def _speedups(report: Report, config: RunConfig) -> None:
         variant.speedup = ratios.get(str(config.threads[0]))
 
 
-def _evaluate(report: Report, loaded: LoadedModel, data: RunData | None, config: RunConfig, progress: Progress) -> None:
-    """Outputs of every ONNX file on the data (or seeded samples): accuracy, agreement, SQNR vs dense."""
+def _eval_inputs(loaded: LoadedModel, data: RunData | None, config: RunConfig):
+    """(inputs, labels or None): the data's evaluation part, else 64 seeded samples."""
+    if data is not None:
+        return data.eval(config.eval_samples)
+    return torch.cat(sample_inputs(loaded.module, loaded.input_spec, 64, config.seed + 2)), None
+
+
+def _evaluate(report: Report, x: torch.Tensor, labels: torch.Tensor | None, config: RunConfig,
+              progress: Progress) -> None:
+    """Outputs of every ONNX file on ``x``: accuracy (with labels), agreement and SQNR vs dense."""
     from edgecompress.bench import agreement
     from edgecompress.data import run_onnx
 
     ready = [v for v in report.variants if v.status == "ok" and v.onnx]
     progress.start("evaluate", len(ready))
-    if data is not None:
-        x, labels = data.eval(config.eval_samples)
-    else:
-        x, labels = torch.cat(sample_inputs(loaded.module, loaded.input_spec, 64, config.seed + 2)), None
     reference = None
     for variant in ready:  # dense comes first
         progress.advance("evaluate", variant.name)

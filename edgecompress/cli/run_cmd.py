@@ -61,7 +61,8 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
     MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
-    digits CNN (trained weights and its held-out set ship with edgecompress).
+    digits CNN (trained weights and its held-out set ship with edgecompress). MODEL can also be an ONNX
+    file: its variants are factorized in the file (svd, svd-spatial, tucker, cp), without fine-tuning.
     """
     config = pipeline.RunConfig(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,

@@ -181,3 +181,21 @@ def test_plan_reads_an_onnx_file(tmp_path):
     layers = {r["name"]: r for r in json.loads(result.output)["layers"]}
     assert set(layers) == {"features.0", "features.4", "features.8", "features.11", "classifier"}
     assert layers["features.4"]["method"] == "cp" and layers["features.4"]["params_before"] / layers["features.4"]["params_after"] >= 4
+
+
+def test_run_on_an_onnx_file_gives_the_report_of_the_pytorch_path(tmp_path):
+    from edgecompress.pipeline import RunConfig, run
+
+    path = tmp_path / "digits.onnx"
+    export("digits_cnn", path)  # its metadata names the zoo entry: run evaluates on the bundled held-out set
+    config = RunConfig(methods=("tucker", "tt"), ratios=(4.0,), threads=(1,), bench_runs=2, bench_warmup=0,
+                       finetune_epochs=1)
+    report = run(str(path), tmp_path / "out", config)
+    by_name = {v.name: v for v in report.variants}
+    assert by_name["dense"].accuracy == pytest.approx(358 / 360)
+    tucker = by_name["tucker-x4"]
+    assert tucker.status == "ok" and tucker.compression > 4 and tucker.accuracy > 0.9
+    assert by_name["tucker-x4-int8"].status == "ok" and by_name["tucker-x4-int8"].sqnr_db is not None
+    assert by_name["tt-x4"].status == "failed" and "cannot factorize an ONNX file" in by_name["tt-x4"].error
+    assert any("fine-tuning skipped" in note for note in report.notes)
+    assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "tucker-x4-int8.onnx").is_file()
