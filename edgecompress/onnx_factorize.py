@@ -1,7 +1,7 @@
-"""Factorize an ONNX model directly: its Conv, Gemm and MatMul nodes with constant weights, no PyTorch source.
+"""Factorize an ONNX model directly: its Conv, Gemm, MatMul and Gather nodes with constant weights, no PyTorch source.
 
 For users who have only the ONNX file. Each such node becomes the torch layer it computes (Conv1d/Conv2d
-from its attributes, Linear from its weight) inside a stand-in module tree named after the nodes
+from its attributes, Linear from its weight, Embedding from a Gather's table) inside a stand-in module tree named after the nodes
 (``features.4/Conv`` -> layer ``features.4``), so the same ``factorize_`` runs on it: the same
 decomposers, rank rules, include/exclude patterns, size floor and per-layer records. Each factorized
 layer's chain is then exported alone (the exporter of ``edgecompress.exporters``) and spliced in place of
@@ -73,7 +73,7 @@ def _build(model: onnx.ModelProto, root: nn.Module, nodes: dict[str, onnx.NodePr
     new.CopyFrom(model)
     for record in report.factorized:
         node = nodes[record.name]
-        shape = shapes.get(node.input[0])
+        shape = shapes.get(_activation(node))
         if shape is None:
             raise ConfigError(f"the input shape of node {node.name!r} is unknown (ONNX shape inference found none): "
                               "give the model static input shapes, or exclude that layer")
@@ -182,8 +182,15 @@ def _array(inits: dict, name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]).astype(np.float32) if name in inits else None
 
 
+def _activation(node: onnx.NodeProto) -> str:
+    """The node's activation input: a Gather reads its indices (input 1) from a constant table (input 0)."""
+    return node.input[1] if node.op_type == "Gather" else node.input[0]
+
+
 def _as_layer(node: onnx.NodeProto, inits: dict) -> nn.Module | None:
     """The torch layer ``node`` computes, or None when it is not a weight layer this can rebuild."""
+    if node.op_type == "Gather":
+        return _embedding(node, inits)
     if len(node.input) < 2 or node.input[1] not in inits or inits[node.input[1]].data_type != onnx.TensorProto.FLOAT:
         return None
     weight = _array(inits, node.input[1])
@@ -203,6 +210,20 @@ def _as_layer(node: onnx.NodeProto, inits: dict) -> nn.Module | None:
     if node.op_type == "MatMul" and weight.ndim == 2:
         return _linear(weight.T, None)
     return None
+
+
+def _embedding(node: onnx.NodeProto, inits: dict) -> nn.Module | None:
+    """A Gather along axis 0 of a constant 2-D float table by computed indices: an Embedding."""
+    table, indices = node.input[0], node.input[1]
+    if table not in inits or indices in inits or inits[table].data_type != onnx.TensorProto.FLOAT:
+        return None
+    weight = _array(inits, table)
+    if weight.ndim != 2 or _attrs(node).get("axis", 0) != 0:
+        return None
+    layer = nn.Embedding(*weight.shape)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+    return layer.eval()
 
 
 def _conv(weight: np.ndarray, bias: np.ndarray | None, a: dict) -> nn.Module | None:
@@ -282,9 +303,10 @@ def _free(root: nn.Module, path: str) -> bool:
 def _splice(model: onnx.ModelProto, node: onnx.NodeProto, name: str, chain: FactorizedLayer,
             shape: tuple[int, ...], opset: int) -> None:
     """Replace ``node`` in ``model`` by the exported ``chain`` (inputs and outputs rewired, names prefixed)."""
-    sub = exporters.export_onnx(chain, [torch.zeros(shape)], opset=opset)
+    example = torch.zeros(shape, dtype=torch.int64 if node.op_type == "Gather" else torch.float32)
+    sub = exporters.export_onnx(chain, [example], opset=opset)
     prefix = f"{name}/{chain.method}"
-    outer = {sub.graph.input[0].name: node.input[0], sub.graph.output[0].name: node.output[0]}
+    outer = {sub.graph.input[0].name: _activation(node), sub.graph.output[0].name: node.output[0]}
 
     def rename(tensor: str) -> str:
         return outer.get(tensor, f"{prefix}/{tensor}" if tensor else tensor)

@@ -199,3 +199,15 @@ def test_run_on_an_onnx_file_gives_the_report_of_the_pytorch_path(tmp_path):
     assert by_name["tt-x4"].status == "failed" and "cannot factorize an ONNX file" in by_name["tt-x4"].error
     assert any("fine-tuning skipped" in note for note in report.notes)
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "tucker-x4-int8.onnx").is_file()
+
+
+def test_embedding_tables_behind_gather_are_factorized(tmp_path):
+    dense = tmp_path / "text.onnx"
+    export("text_classifier", dense)
+    report = export_factorized_onnx(dense, tmp_path / "svd.onnx", FactorizeConfig(method="svd", ratio=4))
+    token = next(r for r in report["layers"] if r["name"] == "token_embedding")
+    assert token["type"] == "Embedding" and token["method"] == "svd" and token["params_before"] / token["params_after"] >= 4
+    assert report["totals"]["params_dense"] / report["totals"]["params"] > 3.5  # PyTorch path: 4.06x
+    model = onnx.load(str(tmp_path / "svd.onnx"))
+    assert any(n.name.startswith("token_embedding/svd/") and n.op_type == "Gather" for n in model.graph.node)
+    assert np.isfinite(report["error_vs_dense"]["rel_error"])
