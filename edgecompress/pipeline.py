@@ -198,10 +198,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue
-        variant.layers = [r.to_dict() for r in frep.layers]
-        if not frep.factorized:
-            reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
-            _fail(variant, "factorize", f"method {method!r} factorized no layer: {'; '.join(reasons)}")
+        if not _record_layers(variant, frep):
             continue
         variant.params = _onnx_params(new)
         variant.compression = round(dense_params / variant.params, 4)
@@ -217,6 +214,15 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
     x, labels = data.eval(config.eval_samples) if data is not None else (stacked[-64:], None)
     _evaluate(report, x, labels, config, progress)
     return _finish(report, out_dir, start, progress)
+
+
+def _record_layers(variant: Variant, frep) -> bool:
+    """Put the per-layer records on ``variant``; fail it, with every reason given, when nothing was factorized."""
+    variant.layers = [r.to_dict() for r in frep.layers]
+    if not frep.factorized:
+        reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
+        _fail(variant, "factorize", f"method {variant.method!r} factorized no layer: {'; '.join(reasons)}")
+    return bool(frep.factorized)
 
 
 def _onnx_spec(proto: onnx.ModelProto) -> InputSpec:
@@ -278,10 +284,7 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue
-        variant.layers = [r.to_dict() for r in frep.layers]
-        if not frep.factorized:
-            reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
-            _fail(variant, "factorize", f"method {method!r} factorized no layer: {'; '.join(reasons)}")
+        if not _record_layers(variant, frep):
             continue
         if config.keep_faster:
             from edgecompress.latency import keep_faster_
