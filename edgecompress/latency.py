@@ -120,9 +120,9 @@ def int8_model(proto, provider: str):
     random: the scales it gives change no kernel, and kernels are what is timed."""
     import onnx
 
-    from edgecompress.quantize import QuantizeConfig, quantize
+    from edgecompress.quantize import QuantizeConfig, quantize, target_for
 
-    target = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+    target = target_for(provider)
     config = QuantizeConfig(target=target, random_calib=True, calib_samples=2, eval_samples=1, compare_balance=False)
     with tempfile.TemporaryDirectory(prefix="edgecompress-latency-") as tmp:
         out = Path(tmp) / "int8.onnx"

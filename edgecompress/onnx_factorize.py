@@ -134,8 +134,7 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
     if latency_config is not None:
         latency = {"kept": [r.name for r in report.factorized], "config": dataclasses.asdict(latency_config),
                    "reverted": [r.name for r in report.layers if r.method == "dense" and "latency" in r.details]}
-    params = sum(int(np.prod(i.dims)) for i in original.graph.initializer)
-    params_after = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
+    params, params_after = exporters.param_count(original), exporters.param_count(proto)
     return {
         "model": str(path), "source": "onnx", "method": config.method, "layers": [r.to_dict() for r in report.layers],
         "totals": {**report.totals(), "params": params_after, "params_dense": params},

@@ -173,7 +173,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
                     data=data.describe() if data else {"source": "random samples", "labels": False})
     if config.finetune_epochs:
         report.notes.append("fine-tuning skipped: it trains the PyTorch model, and MODEL is an ONNX file")
-    dense_params = _onnx_params(proto)
+    dense_params = exporters.param_count(proto)
     jobs = [(m, r) for m in config.method_list() for r in config.ratios]
     progress.start("factorize", len(jobs) + 1)
     progress.advance("factorize", "dense")
@@ -200,18 +200,19 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
             continue
         if not _record_layers(variant, frep):
             continue
-        variant.params = _onnx_params(new)
+        variant.params = exporters.param_count(new)
         variant.compression = round(dense_params / variant.params, 4)
         variant.seconds["factorize"] = round(time.perf_counter() - t0, 3)
         _write_variant(variant, new, out_dir)
-    # without data: seeded random inputs, the first calib_samples + 8 calibrate, the last 64 evaluate
-    samples = random_samples(proto, config.calib_samples + 8 + 64, config.seed + 1)
-    stacked = torch.from_numpy(np.concatenate([next(iter(s.values())) for s in samples]))
+    if data is not None:
+        calib, (x, labels) = data.train()[0], data.eval(config.eval_samples)
+    else:  # seeded random inputs: the first calib_samples + 8 calibrate, the last 64 evaluate
+        samples = random_samples(proto, config.calib_samples + 8 + 64, config.seed + 1)
+        calib = torch.from_numpy(np.concatenate([next(iter(s.values())) for s in samples]))
+        x, labels = calib[-64:], None
     if config.int8:
-        calib = data.train()[0] if data is not None else stacked
         _quantize(calib[: config.calib_samples + 8].numpy(), out_dir, config, report, progress)
     _bench(report, config, progress)
-    x, labels = data.eval(config.eval_samples) if data is not None else (stacked[-64:], None)
     _evaluate(report, x, labels, config, progress)
     return _finish(report, out_dir, start, progress)
 
@@ -234,10 +235,6 @@ def _onnx_spec(proto: onnx.ModelProto) -> InputSpec:
         raise ConfigError(f"run takes a model with one input; this ONNX file has {len(inputs)}")
     info = inputs[0]
     return InputSpec(tuple(d or 1 for d in info.shape), "int64" if info.dtype.kind in "iu" else "float32")
-
-
-def _onnx_params(proto: onnx.ModelProto) -> int:
-    return sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
 
 
 def _write_variant(variant: Variant, proto: onnx.ModelProto, out_dir: Path) -> Variant:
@@ -497,14 +494,14 @@ def quantize_int8(in_path: str | Path, out_path: str | Path, calib: np.ndarray, 
     quantize's own SQNR check)."""
     import tempfile
 
-    from edgecompress.quantize import QuantizeConfig, quantize
+    from edgecompress.quantize import QuantizeConfig, quantize, target_for
 
     import onnx
 
     model = onnx.load(str(in_path), load_external_data=False)
     initializers = {t.name for t in model.graph.initializer}
     name = next(i.name for i in model.graph.input if i.name not in initializers)
-    target = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+    target = target_for(provider)
     with tempfile.TemporaryDirectory(prefix="edgecompress-run-") as tmp:
         calib_file = Path(tmp) / "calib.npz"
         np.savez(calib_file, **{name: calib})

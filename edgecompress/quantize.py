@@ -124,6 +124,11 @@ class Plan:
     extra_options: tuple[tuple[str, Any], ...] = ()
 
 
+def target_for(provider: str) -> str:
+    """The quantize target whose defaults suit an execution provider (cuda and tensorrt: cuda; else cpu)."""
+    return "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+
+
 def plan_for(config: QuantizeConfig, has_data: bool, has_conv: bool = True) -> Plan:
     """Resolve mode, types and options for ``config.target``. On the CPU a model without convolutions
     (Linear/MatMul only) defaults to dynamic even with calibration data: measured faster (docs/quantize.md)."""

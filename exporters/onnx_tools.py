@@ -62,6 +62,17 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(kept)
 
 
+def param_count(model: onnx.ModelProto) -> int:
+    """How many values the initializers hold (the file's parameters)."""
+    total = 0
+    for init in model.graph.initializer:
+        count = 1
+        for dim in init.dims:
+            count *= dim
+        total += count
+    return total
+
+
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """How many nodes of each op type the main graph has, sorted by name."""
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
