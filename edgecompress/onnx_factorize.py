@@ -39,7 +39,7 @@ METHODS = ("svd", "svd-spatial", "tucker", "cp")
 
 def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int | None = None,
                    latency_config=None) -> tuple[onnx.ModelProto, FactorizeReport]:
-    """A copy of ``model`` with its Conv/Gemm/MatMul weight nodes factorized, and the per-layer report.
+    """A copy of ``model`` with its Conv/Gemm/MatMul/Gather weight nodes factorized, and the per-layer report.
     With a ``LatencyConfig``, chains that do not run faster than their node go back to the node
     (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so)."""
     if config.method not in METHODS or any(s.get("method", config.method) not in (*METHODS, "dense")
