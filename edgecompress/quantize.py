@@ -122,6 +122,7 @@ class Plan:
     reason: str
     op_types: tuple[str, ...] | None = None
     extra_options: tuple[tuple[str, Any], ...] = ()
+    reduce_range: bool = False  # 7-bit weights: for x86 CPUs without VNNI, whose U8S8 kernels saturate
 
 
 def target_for(provider: str) -> str:
@@ -131,7 +132,16 @@ def target_for(provider: str) -> str:
 
 def plan_for(config: QuantizeConfig, has_data: bool, has_conv: bool = True) -> Plan:
     """Resolve mode, types and options for ``config.target``. On the CPU a model without convolutions
-    (Linear/MatMul only) defaults to dynamic even with calibration data: measured faster (docs/quantize.md)."""
+    (Linear/MatMul only) defaults to dynamic even with calibration data: measured faster (docs/quantize.md).
+    On an x86 CPU without VNNI the weights get 7 bits (``runtime.cpu_has_vnni``)."""
+    plan = _target_plan(config, has_data, has_conv)
+    if config.target == "cpu" and not runtime.cpu_has_vnni():
+        plan = dataclasses.replace(plan, reduce_range=True, reason=f"{plan.reason}; 7-bit weights (reduce_range): this "
+                                   "CPU has no VNNI, and onnxruntime's U8S8 kernels saturate without it")
+    return plan
+
+
+def _target_plan(config: QuantizeConfig, has_data: bool, has_conv: bool) -> Plan:
     cpu_static = has_data and has_conv
     mode = config.mode or ("static" if cpu_static or config.target != "cpu" else "dynamic")
     if mode == "static" and not has_data:
@@ -215,7 +225,7 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
     return {
         "input": name, "output": str(out), "target": config.target, "mode": plan.mode,
         "format": plan.format, "activation_type": plan.activation_type, "weight_type": plan.weight_type,
-        "per_channel": plan.per_channel, "calib_method": config.calib_method if plan.mode == "static" else None,
+        "per_channel": plan.per_channel, "reduce_range": plan.reduce_range, "calib_method": config.calib_method if plan.mode == "static" else None,
         "reason": plan.reason, "calibration": inputs.describe(), "preprocess": pre_note,
         "bytes_before": bytes_before, "bytes_after": len(data), "compression": bytes_before / len(data),
         **{k: metrics[k] for k in ("sqnr_db", "max_abs_diff", "rel_error", "top1_agreement")},
@@ -364,7 +374,7 @@ def _run_ort(model: onnx.ModelProto, plan: Plan, config: QuantizeConfig, inputs:
     if plan.mode == "dynamic":
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(plan.op_types), per_channel=plan.per_channel,
                          weight_type=types[plan.weight_type], nodes_to_exclude=exclude or None,
-                         extra_options={"MatMulConstBOnly": True})
+                         reduce_range=plan.reduce_range, extra_options={"MatMulConstBOnly": True})
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
@@ -372,7 +382,7 @@ def _run_ort(model: onnx.ModelProto, plan: Plan, config: QuantizeConfig, inputs:
                         quant_format=QuantFormat.QDQ if plan.format == "qdq" else QuantFormat.QOperator,
                         per_channel=plan.per_channel, activation_type=types[plan.activation_type],
                         weight_type=types[plan.weight_type], nodes_to_exclude=exclude or None,
-                        calibrate_method=methods[config.calib_method], extra_options=_static_options(plan))
+                        reduce_range=plan.reduce_range, calibrate_method=methods[config.calib_method], extra_options=_static_options(plan))
     return onnx.load(str(dst))
 
 

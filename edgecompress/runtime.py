@@ -36,6 +36,23 @@ _INSTALL_HINT = {
 }
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI or AVX-VNNI) integer dot products; True off x86.
+    Without VNNI onnxruntime's U8S8 kernels multiply with VPMADDUBSW, whose 16-bit sums saturate
+    (onnxruntime's quantization docs): measured here on an AVX2-only AMD EPYC, the trained digits CNN
+    fell from 99.4% to 75% in int8, and back to 99.4% with 7-bit weights (reduce_range)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False  # unknown: assume the saturating kernels, whose fix only costs one bit of weight range
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def ort_module():
     """The onnxruntime module, or a clear error saying how to install it."""
     try:

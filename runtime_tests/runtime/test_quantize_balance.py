@@ -112,14 +112,18 @@ def test_gemm_rewrite_keeps_the_function_and_names(tmp_path):
     np.testing.assert_allclose(_outputs(rewritten, InputSpec((2, 8))), _outputs(model, InputSpec((2, 8))), rtol=1e-5, atol=1e-6)
 
 
-def test_balancing_raises_sqnr_of_the_cp_factorized_trained_digits_model(tmp_path):
-    """On trained weights (the bundled digits CNN) the CP factors' activation ranges differ ~28x across
-    channels; balancing evens them out and int8 gains SQNR (31.1 -> 38.0 dB when measured on real digits)."""
+def test_balancing_of_the_cp_factorized_trained_digits_model_is_kept_only_where_it_pays(tmp_path):
+    """On trained weights (the bundled digits CNN) the CP factors' activation ranges differ ~6-28x across
+    channels; balancing evens them out, and quantize keeps whichever file measures the higher SQNR. On the
+    AVX-512 VNNI machine balancing won (31.1 -> 38.0 dB); on an AVX2-only CPU, whose 7-bit weights
+    (reduce_range) change the picture, the unbalanced file won (36.2 vs 29.7 dB). Either way the kept
+    file is the better one and is above 30 dB."""
     from edgecompress.export import export
 
     export("digits_cnn", tmp_path / "cp.onnx", factorize_config=FactorizeConfig(method="cp", ratio=4))
     report = quantize(tmp_path / "cp.onnx", tmp_path / "cp8.onnx", QuantizeConfig(mode="static", calib_samples=16, eval_samples=8))
     balance = report["balance"]
-    assert balance["applied"] and balance["chains"] == 4
-    assert balance["sqnr_db_with"] >= balance["sqnr_db_without"] + 3.0
-    assert report["sqnr_db"] == pytest.approx(balance["sqnr_db_with"])
+    assert balance["chains"] == 4 and balance["range_spread_after"] < 1.01 < balance["range_spread_before"]
+    best = max(balance["sqnr_db_with"], balance["sqnr_db_without"])
+    assert balance["applied"] == (balance["sqnr_db_with"] > balance["sqnr_db_without"])
+    assert report["sqnr_db"] == pytest.approx(best) and best >= 30

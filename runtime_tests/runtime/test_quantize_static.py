@@ -101,7 +101,9 @@ def test_zoo_model_with_shipped_data_calibrates_on_it(tmp_path):
     export("digits_cnn", tmp_path / "d.onnx")
     report = quantize(tmp_path / "d.onnx", tmp_path / "d8.onnx", QuantizeConfig(calib_samples=16, eval_samples=16))
     assert "shipped data" in report["calibration"]["source"]
-    assert report["mode"] == "static" and report["top1_agreement"] >= 0.9 and report["sqnr_db"] >= 25
+    # 7-bit weights (reduce_range, on x86 CPUs without VNNI) give up to 6 dB: 24.8 dB on an AVX2-only EPYC
+    floor = 22 if report["reduce_range"] else 25
+    assert report["mode"] == "static" and report["top1_agreement"] >= 0.9 and report["sqnr_db"] >= floor
 
 
 def test_compact_keeps_every_output_bit_and_drops_zero_points(tmp_path):
@@ -141,3 +143,15 @@ def test_compact_keeps_every_output_bit_and_drops_zero_points(tmp_path):
                 and len(node.input) > 2:
             del node.input[2]
     assert qgraph.cpu_kernels(compacted)["float_weight_ops"] == ["classifier/svd/1"]
+
+
+def test_cpu_plan_uses_7_bit_weights_exactly_where_the_cpu_has_no_vnni(monkeypatch):
+    """Without VNNI onnxruntime's U8S8 kernels saturate (the trained digits CNN: 99.4% -> 75% on an AVX2-only
+    CPU); 7-bit weights fix it. The plan follows the CPU flags, and only for the cpu target."""
+    from edgecompress import quantize as q
+
+    for has_vnni in (True, False):
+        monkeypatch.setattr(q.runtime, "cpu_has_vnni", lambda v=has_vnni: v)
+        plan = q.plan_for(QuantizeConfig(), has_data=True)
+        assert plan.reduce_range is (not has_vnni) and ("reduce_range" in plan.reason) is (not has_vnni)
+        assert q.plan_for(QuantizeConfig(target="cuda"), has_data=True).reduce_range is False
