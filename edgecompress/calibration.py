@@ -63,8 +63,12 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
 
 def load_samples(path: str | Path, model: onnx.ModelProto) -> list[Sample]:
     """Read calibration data at ``path`` and split it into samples that fit ``model``'s inputs."""
+    return load_samples_for(path, model_inputs(model))
+
+
+def load_samples_for(path: str | Path, infos: list[InputInfo]) -> list[Sample]:
+    """Read calibration data at ``path`` and split it into samples that fit the inputs ``infos``."""
     path = Path(path)
-    infos = model_inputs(model)
     if path.is_dir():
         arrays = _read_folder(path, infos)
     elif path.is_file():
@@ -102,11 +106,17 @@ def _fit_one(array: np.ndarray, info: InputInfo) -> np.ndarray:
 def split_samples(arrays: dict[str, np.ndarray], infos: list[InputInfo], where: str = "calibration data") -> list[Sample]:
     """``{name: array of N samples}`` -> N feeds, each checked against the model inputs."""
     names = {i.name for i in infos}
+    if len(infos) == 1 and len(arrays) == 1:  # a one-input model takes the single array whatever its key
+        arrays = {infos[0].name: next(iter(arrays.values()))}
     missing, extra = names - set(arrays), set(arrays) - names
     if missing or extra:
         raise ConfigError(f"{where}: input names do not match the model: missing {sorted(missing) or '-'}, "
                           f"unexpected {sorted(extra) or '-'}; the model's inputs are {sorted(names)}")
     per_input = {i.name: _as_samples(np.asarray(arrays[i.name]), i, where) for i in infos}
+    for name, samples in per_input.items():
+        bad = sum(int((~np.isfinite(s)).sum()) for s in samples if s.dtype.kind == "f")
+        if bad:
+            raise ConfigError(f"{where}: input {name!r} holds {bad} NaN or Inf values; every value must be finite")
     counts = {name: len(s) for name, s in per_input.items()}
     if len(set(counts.values())) > 1:
         raise ConfigError(f"{where}: inputs hold different sample counts {counts}")

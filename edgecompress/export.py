@@ -52,10 +52,12 @@ def export(
     input_dtype: str | None = None,
     stage: Callable[[str], None] | None = None,
     latency_config=None,
+    calib=None,
 ) -> dict[str, Any]:
-    """Load (if a name), fold BatchNorm, factorize (if a FactorizeConfig is given), keep dense the layers
-    whose chain is not faster on the target (if a LatencyConfig is given), export, check parity and write
-    ``out``; return the report dict (also what ``--report`` writes)."""
+    """Load (if a name), fold BatchNorm, factorize (if a FactorizeConfig is given; fitted to ``calib``, a
+    ``capture.CalibrationSet``, when given), keep dense the layers whose chain is not faster on the target
+    (if a LatencyConfig is given), export, check parity and write ``out``; return the report dict (also
+    what ``--report`` writes)."""
     stage = stage or (lambda _: None)
     io.ensure_writable(out)
     if latency_config is not None:
@@ -75,8 +77,11 @@ def export(
     if factorize_config is not None:
         from edgecompress.factorize import factorize
 
-        stage("factorize")
-        target, frep = factorize(dense, factorize_config, samples[0])
+        stage("factorize" if calib is None else f"factorize, fitted to {calib.fit_count} calibration samples")
+        target, frep = factorize(dense, factorize_config, samples[0],
+                                 lambda name, i, n: stage(f"factorizing {name} ({i + 1}/{n})"), calib)
+        if calib is not None:
+            report["calibration"] = calib.describe()
         if latency_config is not None:
             from edgecompress.latency import keep_faster_
 
@@ -99,8 +104,29 @@ def export(
     report["onnx"] = result["onnx"]
     report["parity"] = result["parity"]
     if factorize_config is not None:
-        report["error_vs_dense"] = dataclasses.asdict(exporters.compare_models(target, dense, samples))
+        report["error_vs_dense"] = error_vs_dense(target, dense, calib, samples)
     return report
+
+
+def error_vs_dense(model: nn.Module, dense: nn.Module, calib, samples) -> dict[str, Any]:
+    """Output error of ``model`` against ``dense``: on the held-out calibration samples when there are some
+    (with top-1 agreement for a classifier's scores), else on the seeded random ``samples``."""
+    if calib is None:
+        return {**dataclasses.asdict(exporters.compare_models(model, dense, samples)), "inputs": "random inputs"}
+    import torch
+
+    from edgecompress.bench import agreement
+
+    batches = [torch.from_numpy(next(iter(b.values()))) for b in calib.evaluation()]
+    with torch.no_grad():
+        out = torch.cat([model(x) for x in batches]).numpy()
+        ref = torch.cat([dense(x) for x in batches]).numpy()
+    result = exporters.compare([(out, ref)], len(out))
+    metrics = {**dataclasses.asdict(result), "inputs": "held-out calibration samples" if calib.held else
+               "calibration samples (none held out)"}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        metrics["top1_agreement"] = agreement(out, ref)["top1_agreement"]
+    return metrics
 
 
 def export_module(module: nn.Module, spec: InputSpec, out: str | Path, config: ExportConfig = ExportConfig(),

@@ -38,8 +38,11 @@ METHODS = ("svd", "svd-spatial", "tucker", "cp")
 
 
 def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int | None = None,
-                   latency_config=None) -> tuple[onnx.ModelProto, FactorizeReport]:
+                   latency_config=None, calib=None, calib_path: str | Path | None = None
+                   ) -> tuple[onnx.ModelProto, FactorizeReport]:
     """A copy of ``model`` with its Conv/Gemm/MatMul/Gather weight nodes factorized, and the per-layer report.
+    With calibration data (``calib``, a ``capture.CalibrationSet``, or ``calib_path``) each layer is fitted to
+    its inputs, captured with onnxruntime (``capture.OnnxCapture``), as for a PyTorch model.
     With a ``LatencyConfig``, chains that do not run faster than their node go back to the node
     (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so)."""
     if config.method not in METHODS or any(s.get("method", config.method) not in (*METHODS, "dense")
@@ -54,7 +57,12 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
         layer = _as_layer(node, constants)
         if layer is not None:
             nodes[_place(root, _layer_name(node), layer)] = node
-    report = factorize_(root, config)
+    if calib is None and calib_path is not None:
+        from edgecompress.capture.samples import onnx_calibration
+
+        calib = onnx_calibration(model, calib_path)
+    capture = _capture(model, nodes, calib, opset) if calib is not None else None
+    report = factorize_(root, config, capture=capture)
     new = _build(model, root, nodes, report, opset)
     if latency_config is not None and report.factorized:
         from edgecompress.latency import keep_faster_records
@@ -65,6 +73,30 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
     return new, report
 
 
+def _capture(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], calib, opset: int):
+    """An ``OnnxCapture`` of ``model``'s weight nodes whose ``replace`` splices a layer's chain in."""
+    from edgecompress.capture import OnnxCapture
+
+    shapes = _shapes(onnx.shape_inference.infer_shapes(model))
+
+    def splice(proto: onnx.ModelProto, name: str, chain: nn.Module) -> onnx.ModelProto:
+        new = onnx.ModelProto()
+        new.CopyFrom(proto)
+        node = nodes[name]
+        _splice(new, _same_node(new, node), name, chain, _known_shape(shapes, node), opset)
+        return new
+
+    return OnnxCapture(model, {name: _activation(node) for name, node in nodes.items()}, calib, splice)
+
+
+def _known_shape(shapes: dict[str, tuple[int, ...]], node: onnx.NodeProto) -> tuple[int, ...]:
+    shape = shapes.get(_activation(node))
+    if shape is None:
+        raise ConfigError(f"the input shape of node {node.name!r} is unknown (ONNX shape inference found none): "
+                          "give the model static input shapes, or exclude that layer")
+    return shape
+
+
 def _build(model: onnx.ModelProto, root: nn.Module, nodes: dict[str, onnx.NodeProto], report: FactorizeReport,
            opset: int) -> onnx.ModelProto:
     """A copy of ``model`` with the node of every factorized record replaced by its chain."""
@@ -73,11 +105,7 @@ def _build(model: onnx.ModelProto, root: nn.Module, nodes: dict[str, onnx.NodePr
     new.CopyFrom(model)
     for record in report.factorized:
         node = nodes[record.name]
-        shape = shapes.get(_activation(node))
-        if shape is None:
-            raise ConfigError(f"the input shape of node {node.name!r} is unknown (ONNX shape inference found none): "
-                              "give the model static input shapes, or exclude that layer")
-        _splice(new, _same_node(new, node), record.name, root.get_submodule(record.name), shape, opset)
+        _splice(new, _same_node(new, node), record.name, root.get_submodule(record.name), _known_shape(shapes, node), opset)
     exporters.drop_unused_initializers(new)
     return new
 
@@ -110,15 +138,22 @@ def _layers_ms(model: onnx.ModelProto, config) -> dict[str, float]:
 
 def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeConfig,
                            export_config: ExportConfig = ExportConfig(),
-                           stage: Callable[[str], None] | None = None, latency_config=None) -> dict[str, Any]:
-    """``edgecompress export model.onnx --method ...``: factorize the file, simplify, check, measure the
-    output error against the original on random inputs, write ``out``; return the report dict."""
+                           stage: Callable[[str], None] | None = None, latency_config=None,
+                           calib_path: str | Path | None = None) -> dict[str, Any]:
+    """``edgecompress export model.onnx --method ...``: factorize the file (fitted to the samples at
+    ``calib_path`` when given), simplify, check, measure the output error against the original (on held-out
+    calibration samples, else random inputs), write ``out``; return the report dict."""
     stage = stage or (lambda _: None)
     start = time.perf_counter()
     io.ensure_writable(out)
     original = runtime.load_onnx(path)
+    calib = None
+    if calib_path is not None:
+        from edgecompress.capture.samples import onnx_calibration
+
+        calib = onnx_calibration(original, calib_path)
     stage("factorize" if latency_config is None else f"factorize, then time each layer on {latency_config.provider}")
-    proto, report = factorize_onnx(original, config, latency_config=latency_config)
+    proto, report = factorize_onnx(original, config, latency_config=latency_config, calib=calib)
     simplified = False
     if export_config.simplify:
         stage("simplify")
@@ -127,7 +162,11 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
     onnx.helper.set_model_props(proto, {**props, "edgecompress.method": config.method})
     exporters.check_model(proto)
     stage("error against the original")
-    error = _output_error(original, proto, export_config.parity_samples, export_config.seed)
+    if calib is not None:
+        samples, inputs = calib.evaluation(), "held-out calibration samples" if calib.held else "calibration samples"
+    else:
+        samples, inputs = calibration.random_samples(original, export_config.parity_samples, export_config.seed), "random inputs"
+    error = {**_output_error(original, proto, samples), "inputs": inputs}
     data = proto.SerializeToString()
     io.write_bytes(out, data)
     latency = None
@@ -142,6 +181,7 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
                  "nodes": len(proto.graph.node), "op_counts": exporters.op_counts(proto),
                  "seconds": round(time.perf_counter() - start, 3)},
         "error_vs_dense": error,
+        **({"calibration": calib.describe()} if calib is not None else {}),
         **({"latency": latency} if latency else {}),
     }
 
@@ -326,14 +366,22 @@ def _splice(model: onnx.ModelProto, node: onnx.NodeProto, name: str, chain: Fact
     model.graph.initializer.extend(sub.graph.initializer)
 
 
-def _output_error(original: onnx.ModelProto, factorized: onnx.ModelProto, count: int, seed: int) -> dict[str, float]:
-    """Max |difference| and relative L2 error of the outputs, factorized vs original, on random inputs."""
-    samples = calibration.random_samples(original, count, seed)
-    a, b = runtime.make_session(original), runtime.make_session(factorized)
+def _output_error(original: onnx.ModelProto, factorized: onnx.ModelProto, samples: list[dict]) -> dict[str, float]:
+    """Max |difference| and relative L2 error of the outputs, factorized vs original, on ``samples`` (feeds),
+    and the top-1 agreement of the first output where it is a batch of scores."""
+    from edgecompress.capture.onnx_capture import _Runner
+
+    a, b = _Runner(original, [o.name for o in original.graph.output]), _Runner(factorized, [o.name for o in factorized.graph.output])
     num = den = worst = 0.0
+    same = count = 0
     for sample in samples:
-        for x, y in zip(a.run(None, dict(sample)), b.run(None, dict(sample))):
-            diff = np.asarray(x, np.float64) - np.asarray(y, np.float64)
-            num, den = num + float((diff ** 2).sum()), den + float((np.asarray(x, np.float64) ** 2).sum())
+        for k, (x, y) in enumerate(zip(a(sample).values(), b(sample).values())):
+            x, y = x.double().numpy(), y.double().numpy()
+            diff = x - y
+            num, den = num + float((diff ** 2).sum()), den + float((x ** 2).sum())
             worst = max(worst, float(np.abs(diff).max(initial=0.0)))
-    return {"max_abs_diff": worst, "rel_error": (num / den) ** 0.5 if den else 0.0, "samples": len(samples)}
+            if k == 0 and x.ndim == 2 and x.shape[1] > 1:
+                same, count = same + int((x.argmax(1) == y.argmax(1)).sum()), count + len(x)
+    samples_seen = sum(len(next(iter(s.values()))) for s in samples)
+    result = {"max_abs_diff": worst, "rel_error": (num / den) ** 0.5 if den else 0.0, "samples": samples_seen}
+    return {**result, "top1_agreement": same / count} if count else result

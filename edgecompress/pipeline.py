@@ -53,6 +53,8 @@ class RunConfig:
     profile: bool = False
     rank_multiple: int = 8
     min_params: int = 4096
+    min_outputs: int = 16  # classifier heads stay dense
+    data_free: bool = False  # fit the factors to the weights alone even with data (the data then only measures)
     keep_faster: bool = False  # profile each chain against its dense layer; keep dense where not faster
     keep_faster_precision: str | None = None  # None: int8 when int8 variants are made, else fp32
     calib_samples: int = 64
@@ -133,7 +135,9 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     settings = {**dataclasses.asdict(config), "methods": config.method_list()}
     report = Report(model=loaded.name, input_shape=list(loaded.input_spec.shape), config=settings,
                     data=data.describe() if data else {"source": "random samples", "labels": False})
-    modules = _build(dense, loaded, config, samples, report, progress)
+    calib = _factorize_calibration(loaded, data, config, "input")
+    _note_calibration(report, calib, config)
+    modules = _build(dense, loaded, config, samples, report, progress, calib)
     if config.finetune_epochs:
         _finetune(modules, dense, data, config, report, progress)
     _export(modules, loaded, out_dir, samples, report, progress)
@@ -142,6 +146,29 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     _bench(report, config, progress)
     _evaluate(report, *_eval_inputs(loaded, data, config), config, progress)
     return _finish(report, out_dir, start, progress)
+
+
+def _factorize_calibration(loaded: LoadedModel | None, data: RunData | None, config: RunConfig, name: str):
+    """The samples the factors are fitted to: the data's train part (``calib_samples``, and an eighth more
+    held out for the per-layer errors), else the zoo entry's own data; None without either."""
+    from edgecompress.capture.samples import calibration_set, torch_calibration
+
+    if data is not None:
+        x, _ = data.train()
+        return calibration_set({name: x[: config.calib_samples + config.calib_samples // 7].numpy()},
+                               f"{data.source} (train part)" if not data.train_is_eval else data.source)
+    return torch_calibration(loaded, None, config.calib_samples, config.seed) if loaded is not None else None
+
+
+def _note_calibration(report: Report, calib, config: RunConfig) -> None:
+    if calib is None:
+        report.notes.append("no calibration data: the factors are fitted to the weights alone, which costs trained "
+                            "models far more accuracy; give --data")
+    elif config.data_free:
+        report.notes.append("--data-free: the factors are fitted to the weights alone; the data only measures them")
+    else:
+        report.notes.append(f"factors fitted to {calib.fit_count} calibration samples from {calib.source}; "
+                            f"per-layer output errors on {calib.held_count} held out")
 
 
 def _finish(report: Report, out_dir: Path, start: float, progress: Progress) -> Report:
@@ -156,7 +183,6 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
     """``run`` on an ONNX file: the variants come from ``edgecompress.onnx_factorize`` (svd, svd-spatial,
     tucker, cp); int8, bench, evaluation and the report are the same. No fine-tuning: it needs PyTorch."""
     from edgecompress.calibration import random_samples
-    from edgecompress.factorize import FactorizeConfig
     from edgecompress.onnx_factorize import METHODS, factorize_onnx
     from edgecompress.quantize import ZOO_METADATA_KEY
 
@@ -173,6 +199,8 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
                     data=data.describe() if data else {"source": "random samples", "labels": False})
     if config.finetune_epochs:
         report.notes.append("fine-tuning skipped: it trains the PyTorch model, and MODEL is an ONNX file")
+    calib = _factorize_calibration(None, data, config, _onnx_input_name(proto))
+    _note_calibration(report, calib, config)
     dense_params = exporters.param_count(proto)
     jobs = [(m, r) for m in config.method_list() for r in config.ratios]
     progress.start("factorize", len(jobs) + 1)
@@ -189,9 +217,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
             continue
         t0 = time.perf_counter()
         try:
-            fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple,
-                                      min_params=config.min_params)
-            new, frep = factorize_onnx(proto, fconfig,
+            new, frep = factorize_onnx(proto, _fconfig(config, method, ratio), calib=calib,
                                        latency_config=config.latency_config() if config.keep_faster else None)
             new, _ = exporters.simplify(new)
             exporters.check_model(new)
@@ -224,6 +250,12 @@ def _record_layers(variant: Variant, frep) -> bool:
         reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
         _fail(variant, "factorize", f"method {variant.method!r} factorized no layer: {'; '.join(reasons)}")
     return bool(frep.factorized)
+
+
+def _onnx_input_name(proto: onnx.ModelProto) -> str:
+    from edgecompress.calibration import model_inputs
+
+    return model_inputs(proto)[0].name
 
 
 def _onnx_spec(proto: onnx.ModelProto) -> InputSpec:
@@ -259,10 +291,17 @@ def _loaded(model, weights, input_shape, input_dtype) -> LoadedModel:
     return load_model(model or DEFAULT_MODEL, weights, input_shape, input_dtype)
 
 
+def _fconfig(config: RunConfig, method: str, ratio: float):
+    from edgecompress.factorize import FactorizeConfig
+
+    return FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple, min_params=config.min_params,
+                           min_outputs=config.min_outputs, data_free=config.data_free)
+
+
 def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, report: Report,
-           progress: Progress) -> dict[str, nn.Module]:
+           progress: Progress, calib=None) -> dict[str, nn.Module]:
     """The dense variant and one factorized module per method x ratio (failures recorded)."""
-    from edgecompress.factorize import FactorizeConfig, factorize
+    from edgecompress.factorize import factorize
 
     dense_params, dense_macs = count_params(dense), count_macs(dense, samples[:1])[0]
     report.variants.append(Variant(name="dense", method="dense", params=dense_params, macs=dense_macs, compression=1.0))
@@ -275,9 +314,7 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
         progress.advance("factorize", variant.name)
         t0 = time.perf_counter()
         try:
-            fconfig = FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple,
-                                      min_params=config.min_params)
-            module, frep = factorize(dense, fconfig, samples[:1])
+            module, frep = factorize(dense, _fconfig(config, method, ratio), samples[:1], calib=calib)
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue

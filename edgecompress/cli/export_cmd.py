@@ -8,7 +8,7 @@ from rich.table import Table
 from edgecompress import io
 from edgecompress.cli._options import console, err_console, fmt_bytes, fmt_int, model_options
 from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
-                                                 latency_options)
+                                                 latency_options, torch_calibration_from)
 from edgecompress.errors import ConfigError
 from edgecompress.export import ExportConfig, export
 from edgecompress.models import DEFAULT_MODEL
@@ -41,18 +41,28 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     lconfig = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
     if report_path:
         io.ensure_writable(report_path)
+    io.ensure_writable(out)
+    if lconfig is not None:
+        from edgecompress.runtime import resolve_provider
+
+        resolve_provider(lconfig.provider)  # an unavailable provider fails before any work
     with err_console.status("loading") as status:
         if model.endswith(".onnx"):
-            report = _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status)
+            report = _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status,
+                                       fopts["calib_path"])
         else:
-            report = export(model, out, config, fconfig, weights, input_shape, input_dtype,
-                            stage=lambda s: status.update(s), latency_config=lconfig)
+            from edgecompress.loading import load_model
+
+            loaded = load_model(model, weights, input_shape, input_dtype)
+            calib = torch_calibration_from(loaded, fopts["calib_path"], fconfig)
+            report = export(loaded, out, config, fconfig, stage=lambda s: status.update(s), latency_config=lconfig,
+                            calib=calib)
     if report_path:
         io.write_json(report_path, report)
     _print_summary(report)
 
 
-def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status) -> dict:
+def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status, calib_path) -> dict:
     from edgecompress.onnx_factorize import export_factorized_onnx
 
     if fconfig is None:
@@ -61,7 +71,8 @@ def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape
                                             ("--dynamic-batch", config.dynamic_batch)) if given]
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)} cannot be used with an ONNX file as MODEL")
-    return export_factorized_onnx(model, out, fconfig, config, stage=lambda s: status.update(s), latency_config=lconfig)
+    return export_factorized_onnx(model, out, fconfig, config, stage=lambda s: status.update(s), latency_config=lconfig,
+                                  calib_path=calib_path)
 
 
 def _print_summary(report: dict) -> None:
@@ -78,7 +89,10 @@ def _print_summary(report: dict) -> None:
                       f" ({totals['params_dense'] / totals['params']:.2f}x)")
         if "macs" in totals:
             table.add_row("MACs", f"{fmt_int(totals['macs_dense'])} -> {fmt_int(totals['macs'])}")
-        table.add_row("error vs dense (rel)", f"{report['error_vs_dense']['rel_error']:.3g}")
+        error = report["error_vs_dense"]
+        agree = f", top-1 agreement {100 * error['top1_agreement']:.1f}%" if "top1_agreement" in error else ""
+        table.add_row("error vs dense (rel)", f"{error['rel_error']:.3g} on {error['samples']} "
+                      f"{error.get('inputs', 'random inputs')}{agree}")
         if "latency" in report:
             latency = report["latency"]
             table.add_row(f"kept dense, chain slower on {latency['config']['provider']}",

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from edgecompress.cli._options import console, err_console, fmt_int, model_options
 from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
-                                                 latency_options)
+                                                 latency_options, torch_calibration_from)
 from edgecompress.errors import ConfigError
 from edgecompress.io import to_json
 
@@ -33,6 +33,10 @@ def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_
     if config is None:
         raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...)")
     latency = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
+    if latency is not None:
+        from edgecompress.runtime import resolve_provider
+
+        resolve_provider(latency.provider)  # an unavailable provider fails before any work
     with err_console.status("factorizing") as status:
         if model.endswith(".onnx"):
             from edgecompress.onnx_factorize import factorize_onnx
@@ -40,11 +44,14 @@ def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_
 
             if weights or input_shape:
                 raise ConfigError("--weights and --input-shape cannot be used with an ONNX file as MODEL")
-            _, report = factorize_onnx(load_onnx(model), config, latency_config=latency)
+            _, report = factorize_onnx(load_onnx(model), config, latency_config=latency, calib_path=fopts["calib_path"])
         else:
-            report = plan(model, config, weights, input_shape, input_dtype,
-                          progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
-                          latency_config=latency)
+            from edgecompress.loading import load_model
+
+            loaded = load_model(model, weights, input_shape, input_dtype)
+            calib = torch_calibration_from(loaded, fopts["calib_path"], config)
+            report = plan(loaded, config, progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
+                          latency_config=latency, calib=calib)
     if as_json:
         click.echo(to_json({"model": model, **report.to_dict()}))
         return
@@ -61,17 +68,25 @@ def _table(model: str, report) -> Table:
                   caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
     timed = any("latency" in r.details for r in report.layers)
     table.add_column("layer", no_wrap=True)
-    for col in ("type", "method", "ranks", "params", "after", "MACs", "after", "error") + (("speedup",) if timed else ()):
+    measured = any(r.output_error is not None for r in report.layers)
+    columns = ("type", "method", "ranks", "params", "after", "MACs", "after", "error")
+    columns += (("output error", "in model") if measured else ()) + (("speedup",) if timed else ())
+    for col in columns:
         table.add_column(col, justify="left" if col in ("type", "method") else "right", no_wrap=True)
     table.add_column("reason / notes", overflow="fold", min_width=30)
     for r in report.layers:
         remark = "; ".join(([r.reason] if r.reason else []) + r.notes)
         error = "-" if r.rel_error is None else f"{r.rel_error:.3g}"
         speedup = (r.details.get("latency") or {}).get("speedup")
+        outputs = [_error(r.output_error), _error(r.output_error_in_model)] if measured else []
         table.add_row(r.name, r.type, r.method, ",".join(map(str, r.ranks)) or "-", fmt_int(r.params_before),
-                      fmt_int(r.params_after), fmt_int(r.macs_before), fmt_int(r.macs_after), error,
+                      fmt_int(r.params_after), fmt_int(r.macs_before), fmt_int(r.macs_after), error, *outputs,
                       *(("-" if speedup is None else f"{speedup:.2f}x",) if timed else ()), remark)
     return table
+
+
+def _error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _change(before: int | None, after: int | None) -> str:

@@ -53,11 +53,14 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--profile", is_flag=True, help="Profile each variant to time every layer (slower).")
 @click.option("--min-params", type=int, default=pipeline.RunConfig.min_params, show_default=True,
               help="Keep layers with fewer parameters dense (listed with the reason).")
+@click.option("--data-free", is_flag=True,
+              help="Fit the factors to the weights alone (the data then only measures). Default: fitted to the "
+                   "data's train part (calibration), layer by layer.")
 @click.option("--keep-faster", is_flag=True,
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
-            finetune_epochs, bench_runs, profile, min_params, keep_faster):
+            finetune_epochs, bench_runs, profile, min_params, data_free, keep_faster):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
     MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
@@ -68,7 +71,7 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
         ratios=tuple(ratios) or (2.0, 4.0), int8=int8, provider=provider, threads=_ints(threads, "--threads"),
         finetune_epochs=finetune_epochs, bench_runs=bench_runs, profile=profile, min_params=min_params,
-        keep_faster=keep_faster)
+        data_free=data_free, keep_faster=keep_faster)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=err_console, transient=False) as bars:

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from edgecompress.factorize.base import FactorizedLayer, LayerRecord, SkipLayer
 from edgecompress.factorize.config import FactorizeConfig
+from edgecompress.factorize.reconstruct import can_refit, output_errors, refine_, refit_last_
 from edgecompress.factorize.registry import candidate_types, decomposer_for
 from edgecompress.stats import count_macs, count_params
 
@@ -32,6 +33,7 @@ class FactorizeReport:
     config: FactorizeConfig
     layers: list[LayerRecord]
     seconds: float
+    calibration: dict[str, Any] | None = None  # where the data came from, when the factors were fitted to data
 
     @property
     def factorized(self) -> list[LayerRecord]:
@@ -57,22 +59,29 @@ class FactorizeReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "seconds": round(self.seconds, 3),
+        return {"config": self.config.to_dict(), "seconds": round(self.seconds, 3), "calibration": self.calibration,
                 "layers": [r.to_dict() for r in self.layers], "totals": self.totals()}
 
 
 def factorize(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
-              progress: Progress | None = None) -> tuple[nn.Module, FactorizeReport]:
+              progress: Progress | None = None, calib=None) -> tuple[nn.Module, FactorizeReport]:
     """A factorized copy of ``model`` and its per-layer report; ``model`` is left untouched.
-    With example ``inputs`` the report also holds MACs before and after."""
+    With example ``inputs`` the report also holds MACs before and after; with a ``calib``
+    (``capture.CalibrationSet``) the factors are fitted to the data (see ``factorize_``)."""
     new = copy.deepcopy(model)
-    return new, factorize_(new, config, inputs, progress)
+    return new, factorize_(new, config, inputs, progress, calib)
 
 
 @torch.no_grad()
 def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
-               progress: Progress | None = None) -> FactorizeReport:
-    """Factorize ``model`` in place and return the per-layer report."""
+               progress: Progress | None = None, calib=None, capture=None) -> FactorizeReport:
+    """Factorize ``model`` in place and return the per-layer report.
+
+    With calibration data (``calib``, or a ready ``capture`` of layer inputs: ONNX input brings its own)
+    the layers go in forward order, each fitted to its inputs in the model compressed so far: data-aware
+    factors (whitened, ``capture.stats``), then the last step refit to the dense layer's outputs
+    (``reconstruct``), and its output error measured on held-out samples. ``config.data_free`` keeps the
+    weight-only factors and only measures them."""
     start = time.perf_counter()
     model.eval()
     macs_before = count_macs(model, inputs)[1] if inputs is not None else {}
@@ -80,18 +89,31 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     candidates = [(name, m) for name, m in model.named_modules()
                   if name and isinstance(m, types) and not isinstance(m, FactorizedLayer)
                   and not _inside_factorized(model, name) and config.selects(name)]
-    records = []
+    if capture is None and calib is not None:
+        from edgecompress.capture import TorchCapture
+
+        capture = TorchCapture(model, copy.deepcopy(model), calib)
+    records, unreached = [], []
+    if capture is not None:
+        order = capture.order([name for name, _ in candidates])
+        unreached = [c for c in candidates if c[0] not in order]
+        candidates = sorted((c for c in candidates if c[0] in order), key=lambda c: order.index(c[0]))
     for index, (name, layer) in enumerate(candidates):
         if progress:
             progress(name, index, len(candidates))
-        record = _factorize_one(model, name, layer, config, _parent(model, name))
+        record = _factorize_one(model, name, layer, config, _parent(model, name), capture)
         record.macs_before = macs_before.get(name)
         records.append(record)
+    for name, layer in unreached:
+        params = count_params(layer)
+        records.append(LayerRecord(name, type(layer).__name__, "dense", params_before=params, params_after=params,
+                                   reason="never called by the forward pass on the calibration data"))
     if inputs is not None:
         macs_after = count_macs(model, inputs)[1]
         for record in records:
             record.macs_after = macs_after.get(record.name)
-    return FactorizeReport(config, records, time.perf_counter() - start)
+    calibration = capture.calib.describe() if capture is not None else None
+    return FactorizeReport(config, records, time.perf_counter() - start, calibration)
 
 
 def _inside_factorized(model: nn.Module, name: str) -> bool:
@@ -107,43 +129,80 @@ def _parent(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rpartition(".")[0])
 
 
-def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: FactorizeConfig, parent: nn.Module) -> LayerRecord:
+def _skip_reason(name: str, layer: nn.Module, method: str, config: FactorizeConfig, parent: nn.Module) -> str | None:
+    """Why ``layer`` stays dense before anything is computed, or None."""
+    if method == "dense":
+        return "kept dense by the config"
+    if count_params(layer) < config.min_params:
+        return f"below the size floor of {config.min_params} parameters (--min-params): too small to pay off"
+    outputs = getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)
+    if outputs is not None and outputs < config.min_outputs and not config.named(name):
+        return (f"only {outputs} outputs (a classifier head?): its rank would be tiny; name it in --include or a "
+                f"--config override, or lower --min-outputs, to factorize it")
+    if isinstance(parent, _READS_CHILD_WEIGHTS):
+        return f"{type(parent).__name__} reads this layer's weight directly (fast path), so it cannot be replaced"
+    if decomposer_for(method, layer) is None:
+        return f"method {method!r} does not apply to {type(layer).__name__}"
+    return None
+
+
+def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: FactorizeConfig, parent: nn.Module,
+                   capture=None) -> LayerRecord:
     method, spec = config.for_layer(name)
     params = count_params(layer)
     record = LayerRecord(name, type(layer).__name__, "dense", params_before=params, params_after=params)
-    if method == "dense":
-        record.reason = "kept dense by the config"
-        return record
-    if params < config.min_params:
-        record.reason = f"below the size floor of {config.min_params} parameters (--min-params): too small to pay off"
-        return record
-    if isinstance(parent, _READS_CHILD_WEIGHTS):
-        record.reason = f"{type(parent).__name__} reads this layer's weight directly (fast path), so it cannot be replaced"
-        return record
-    decomposer = decomposer_for(method, layer)
-    if decomposer is None:
-        record.reason = f"method {method!r} does not apply to {type(layer).__name__}"
+    record.reason = _skip_reason(name, layer, method, config, parent)
+    if record.reason:
         return record
     start = time.perf_counter()
+    inputs = capture.inputs(name) if capture is not None else None
+    stats = None
+    if inputs is not None and not config.data_free:
+        from edgecompress.capture.stats import layer_stats
+
+        stats = layer_stats(layer, inputs, config.damping)
     try:
-        result = decomposer(layer, spec)
+        result = decomposer_for(method, layer)(layer, spec, stats=stats)
     except SkipLayer as skip:
         record.reason = str(skip)
         return record
-    record.seconds = time.perf_counter() - start
     new_params = count_params(result.module)
     if new_params >= params:
         record.reason = f"no rank saves parameters ({spec.describe()} gives {new_params} >= {params})"
         return record
+    record.notes = list(result.notes) + (stats.notes if stats is not None else [])
+    if inputs is not None:
+        record.fit = _fit_to_data(result.module, layer, inputs, stats is not None)
+        record.output_error, record.output_error_in_model = (round(e, 6) for e in output_errors(result.module, layer, inputs))
+        if config.max_layer_error is not None and record.output_error > config.max_layer_error:
+            record.reason = (f"output error {record.output_error:.3g} on held-out data is above --max-layer-error "
+                             f"{config.max_layer_error:g}")
+            return record
+    record.seconds = time.perf_counter() - start
     record.method = result.module.method
     record.ranks = list(result.module.ranks())
     record.params_after = new_params
     record.rel_error = relative_error(layer.weight, result.module.dense_weight())
-    record.notes = list(result.notes)
     record.details = dict(result.details)
     model.set_submodule(name, result.module)
+    if capture is not None:
+        capture.replace(name, result.module)
     log.info("%s: %s ranks %s, %d -> %d params, error %.3g", name, record.method, record.ranks, params, new_params, record.rel_error)
     return record
+
+
+def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: bool) -> str:
+    """Refit ``chain`` to the data when ``data_aware``; say what was fitted."""
+    if not data_aware:
+        return "weights"
+    if isinstance(layer, nn.Embedding):
+        return "data: rows weighted by how often they are looked up"
+    if can_refit(chain):
+        refit_last_(chain, layer, inputs)
+        return "data: whitened factors, last step refit"
+    if refine_(chain, layer, inputs):
+        return "data: all factors refined (L-BFGS)"
+    return "data: whitened factors"
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -59,7 +59,12 @@ class LayerRecord:
     params_after: int = 0
     macs_before: int | None = None
     macs_after: int | None = None
-    rel_error: float | None = None
+    rel_error: float | None = None  # of the weight
+    # on held-out calibration samples, relative: against the dense layer on the same (dense) inputs, and in
+    # the compressed model (its own inputs) against the dense model; None without data
+    output_error: float | None = None
+    output_error_in_model: float | None = None
+    fit: str = "weights"  # "weights" (data-free), or what was fitted on data ("whitened + last step refit", ...)
     reason: str | None = None  # why it stayed dense
     notes: list[str] = dataclasses.field(default_factory=list)  # warnings: clamped ranks, padding, ...
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # mode shapes, variant, timings

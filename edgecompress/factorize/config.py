@@ -32,9 +32,14 @@ class FactorizeConfig:
     energy: float | None = None
     rank_multiple: int = 8
     min_params: int = 0  # layers with fewer parameters stay dense (recorded with the reason)
+    min_outputs: int = 0  # layers with fewer outputs (a classifier head) stay dense unless an override names them
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+    # with calibration data: fit the factors to the data (False), or to the weights alone (True)
+    data_free: bool = False
+    damping: float = 0.01  # of the mean input variance, added to the covariances (few samples, dead channels)
+    max_layer_error: float | None = None  # a layer whose held-out output error is above this stays dense
 
     def __post_init__(self):
         from edgecompress.factorize.registry import check_method
@@ -42,7 +47,13 @@ class FactorizeConfig:
         check_method(self.method)
         if int(self.min_params) != self.min_params or self.min_params < 0:
             raise ConfigError(f"min params must be a whole number >= 0, got {self.min_params}")
+        if int(self.min_outputs) != self.min_outputs or self.min_outputs < 0:
+            raise ConfigError(f"min outputs must be a whole number >= 0, got {self.min_outputs}")
         self.rank_spec()  # validates rank / ratio / energy / multiple
+        if not 0 <= self.damping:
+            raise ConfigError(f"damping must be >= 0 (a fraction of the mean input variance), got {self.damping}")
+        if self.max_layer_error is not None and not self.max_layer_error > 0:
+            raise ConfigError(f"--max-layer-error must be positive (a relative output error), got {self.max_layer_error}")
         for pattern, settings in self.overrides:
             unknown = set(settings) - _LAYER_KEYS
             if unknown:
@@ -58,6 +69,10 @@ class FactorizeConfig:
         if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def named(self, name: str) -> bool:
+        """Whether a per-layer override or an include pattern names ``name`` (asks for it explicitly)."""
+        return any(fnmatch.fnmatchcase(name, p) for p in (*self.include, *(p for p, _ in self.overrides)))
 
     def for_layer(self, name: str) -> tuple[str, RankSpec]:
         """(method, rank spec) for the layer at ``name``, overrides applied; method may be 'dense'."""
@@ -90,7 +105,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     layers = data.pop("layers", {})
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise ConfigError(f"config file {str(path)!r}: 'layers' must map patterns to tables of settings")
-    allowed = _LAYER_KEYS | {"include", "exclude", "min_params"}
+    allowed = _LAYER_KEYS | {"include", "exclude", "min_params", "min_outputs", "damping", "max_layer_error"}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"config file {str(path)!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'layers'})}")

@@ -23,13 +23,15 @@ import math
 import torch
 import torch.nn as nn
 
+from edgecompress.capture.stats import LayerStats
 from edgecompress.factorize.base import SkipLayer, one_thread
-from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
+from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import CPConv
 from edgecompress.factorize.ranks import RankSpec, energy_rank, round_down, round_up, single_rank
 from edgecompress.factorize.registry import Decomposition, register
 from edgecompress.factorize.svd import delegate_linear, delegate_pointwise
+from edgecompress.factorize.tucker import whitened_weight
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +203,13 @@ def _decompose_groups(w: torch.Tensor, rank: int, notes: list[str]) -> list[CPRe
 
 @register("cp", nn.Conv1d, nn.Conv2d)
 @one_thread()
-def cp_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
+def cp_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    """With data CP-ALS runs on the tensor whose input mode is whitened (as Tucker-2 does), and the input
+    factor is mapped back, its column norms moved into the component weights."""
     geo = check_factorizable(layer)
     if geo.pointwise:
-        return delegate_pointwise(layer, spec, "cp")
-    w = grouped_weight(layer)
+        return delegate_pointwise(layer, spec, "cp", stats)
+    w, inverse = whitened_weight(layer, stats)
     g, o, i, *ks = w.shape
     rank, notes = cp_rank(spec, w)
     if rank < 1:
@@ -221,6 +225,11 @@ def cp_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
         results = _decompose_groups(w, rank, notes)
     if results is None:
         raise SkipLayer(f"CP-ALS diverged at every start and at the fallback rank: {notes[-1]}")
+    if inverse is not None:
+        for result, inv in zip(results, inverse.float()):
+            unwhitened = inv.T @ result.factors[1]
+            norms = unwhitened.norm(dim=0).clamp_min(1e-30)
+            result.factors[1], result.weights = unwhitened / norms, result.weights * norms
     # the weights spread evenly over the factors keep every step's value range alike
     scaled = [[f * r.weights.clamp_min(0) ** (1 / len(r.factors)) for f in r.factors] for r in results]
     stack = lambda n: torch.stack([s[n] for s in scaled])  # noqa: E731  [g, size, R]
@@ -242,5 +251,5 @@ def cp_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
 
 
 @register("cp", nn.Linear)
-def cp_linear(layer: nn.Linear, spec: RankSpec) -> Decomposition:
-    return delegate_linear(layer, spec, "cp")
+def cp_linear(layer: nn.Linear, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    return delegate_linear(layer, spec, "cp", stats)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from edgecompress.capture.stats import LayerStats
 from edgecompress.factorize.base import FactorizedLayer, SkipLayer
 from edgecompress.factorize.ranks import RankSpec
 from edgecompress.factorize.registry import Decomposition, register
@@ -43,10 +44,19 @@ class LowRankEmbedding(FactorizedLayer):
 
 
 @register("svd", nn.Embedding)
-def svd_embedding(layer: nn.Embedding, spec: RankSpec) -> Decomposition:
+def svd_embedding(layer: nn.Embedding, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    """With data each row counts as often as its id was looked up (``E^T diag(p) E``, the output covariance),
+    plus ``damping`` spread over all ids, so that ids the calibration data never used still count."""
     if layer.max_norm is not None:
         raise SkipLayer("Embedding with max_norm renormalises rows at lookup: svd leaves it dense")
-    a, b, notes = truncated_svd(layer.weight, spec)
+    if stats is not None and stats.tokens is not None:
+        table = layer.weight.detach().double()
+        p = stats.tokens / stats.tokens.sum().clamp_min(1) + stats.damping / len(stats.tokens)
+        gram = (table.T * p) @ table
+        left, right, notes = truncated_svd(table.T, spec, gram)  # E^T ~ left @ right
+        a, b = right.T, left.T
+    else:
+        a, b, notes = truncated_svd(layer.weight, spec)
     rank = a.shape[1]
     table = nn.Embedding(layer.num_embeddings, rank)
     projection = nn.Linear(rank, layer.embedding_dim, bias=False)

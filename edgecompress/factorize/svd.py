@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from edgecompress.capture.stats import LayerStats
 from edgecompress.factorize.base import SkipLayer, one_thread
 from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
@@ -35,13 +36,16 @@ def _work_dtype(mats: torch.Tensor) -> torch.dtype:
     return torch.float32 if g * m * n * min(m, n) > _FLOAT64_GRAM_LIMIT else torch.float64
 
 
-def gram_spectrum(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def gram_spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Batched ``mats [g, m, n]``: (singular values [g, k] descending, basis [g, ?, k], left?) where the
-    basis holds left (m <= n) or right singular vectors, from the Gram matrix of the smaller side."""
+    basis holds left (m <= n) or right singular vectors, from the Gram matrix of the smaller side.
+    With ``output_gram [g, m, m]`` (``W C W^T``, the output covariance on data) the basis is its top
+    eigenvectors and the values are output energies: ``W ~ U_r U_r^T W`` is then the best rank-r
+    approximation in the data norm ``||(W - W_r) L||`` with ``L L^T = C`` (no inverse of ``C`` needed)."""
     g, m, n = mats.shape
-    left = m <= n
+    left = m <= n or output_gram is not None
     x = mats.to(_work_dtype(mats))
-    gram = x @ x.transpose(1, 2) if left else x.transpose(1, 2) @ x
+    gram = output_gram if output_gram is not None else x @ x.transpose(1, 2) if left else x.transpose(1, 2) @ x
     values, vectors = torch.linalg.eigh(gram.double())
     values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
     return values.sqrt(), vectors, left
@@ -66,10 +70,12 @@ def group_rank(spec: RankSpec, singular_values: torch.Tensor, max_rank: int, par
     return max(r for r, _ in results), results[0][1]
 
 
-def factor_matrices(mats: torch.Tensor, spec: RankSpec, what: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Truncated SVD of each ``[m, n]`` matrix of ``mats [g, m, n]`` at one rank from ``spec``."""
+def factor_matrices(mats: torch.Tensor, spec: RankSpec, what: str,
+                    output_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Truncated SVD of each ``[m, n]`` matrix of ``mats [g, m, n]`` at one rank from ``spec`` (in the data
+    norm with ``output_gram``, see ``gram_spectrum``)."""
     g, m, n = mats.shape
-    s, basis, left = gram_spectrum(mats)
+    s, basis, left = gram_spectrum(mats, output_gram)
     rank, notes = group_rank(spec, s, min(m, n), lambda r: g * r * (m + n), g * m * n)
     if rank < 1:
         raise SkipLayer(f"no rank saves parameters at {spec.describe()} ({what})")
@@ -77,17 +83,27 @@ def factor_matrices(mats: torch.Tensor, spec: RankSpec, what: str) -> tuple[torc
     return a, b, notes
 
 
-def truncated_svd(matrix: torch.Tensor, spec: RankSpec) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def truncated_svd(matrix: torch.Tensor, spec: RankSpec,
+                  output_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``matrix [m, n] ~ A [m, r] @ B [r, n]`` with the rank from ``spec``; returns (A, B, notes)."""
     m, n = matrix.shape
-    a, b, notes = factor_matrices(matrix.detach()[None], spec, f"{m}x{n} matrix")
+    gram = None if output_gram is None else output_gram[None]
+    a, b, notes = factor_matrices(matrix.detach()[None], spec, f"{m}x{n} matrix", gram)
     return a[0].float(), b[0].float(), notes
+
+
+def data_gram(stats: LayerStats | None, mats: torch.Tensor) -> torch.Tensor | None:
+    """The damped output covariance per group for ``mats [g, o, n]``, or None (weight-only)."""
+    if stats is None or stats.output is None:
+        return None
+    return stats.output_damped(mats, mats.shape[0])
 
 
 @register("svd", nn.Linear)
 @one_thread()
-def svd_linear(layer: nn.Linear, spec: RankSpec, method: str = "svd") -> Decomposition:
-    a, b, notes = truncated_svd(layer.weight, spec)
+def svd_linear(layer: nn.Linear, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    gram = data_gram(stats, layer.weight.detach()[None])
+    a, b, notes = truncated_svd(layer.weight, spec, None if gram is None else gram[0])
     rank = a.shape[1]
     first = nn.Linear(layer.in_features, rank, bias=False)
     second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
@@ -95,24 +111,25 @@ def svd_linear(layer: nn.Linear, spec: RankSpec, method: str = "svd") -> Decompo
     second.weight.data.copy_(a)
     if layer.bias is not None:
         second.bias.data.copy_(layer.bias)
-    return Decomposition(LowRankLinear(first, second, method), notes)
+    return Decomposition(LowRankLinear(first, second, "svd"), notes)
 
 
-def delegate_linear(layer: nn.Linear, spec: RankSpec, method: str) -> Decomposition:
+def delegate_linear(layer: nn.Linear, spec: RankSpec, method: str, stats: LayerStats | None = None) -> Decomposition:
     """``method`` on a Linear is its truncated SVD (a matrix's Tucker-2 and CP are its SVD); say so."""
-    result = svd_linear(layer, spec)
+    result = svd_linear(layer, spec, stats)
     result.notes.append(f"{method} on a Linear is its truncated SVD (exported as svd)")
     return result
 
 
 @register("svd", nn.Conv1d, nn.Conv2d)
 @one_thread()
-def svd_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
+def svd_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
     """Channel SVD: conv k (I -> r per group) then conv 1x1 (r -> O, bias)."""
     geo = check_factorizable(layer)
     w = grouped_weight(layer)
     g, o = w.shape[:2]
-    a, b, notes = factor_matrices(w.reshape(g, o, -1), spec, f"{o}x{w[0, 0].numel()} per group")
+    mats = w.reshape(g, o, -1)
+    a, b, notes = factor_matrices(mats, spec, f"{o}x{w[0, 0].numel()} per group", data_gram(stats, mats))
     rank = a.shape[2]
     first = spatial_step(geo, geo.in_channels, g * rank, tuple(range(geo.dims)), g)
     second = pointwise_step(geo, g * rank, geo.out_channels, g, bias=layer.bias is not None)
@@ -124,24 +141,31 @@ def svd_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
     return Decomposition(ChannelSVDConv("svd", [*explicit_pad(geo), first, second], g), notes)
 
 
-def delegate_pointwise(layer: nn.Module, spec: RankSpec, method: str) -> Decomposition:
+def delegate_pointwise(layer: nn.Module, spec: RankSpec, method: str, stats: LayerStats | None = None) -> Decomposition:
     """A 1x1 conv is a Linear over channels: channel SVD (two 1x1 convs) whatever the method."""
-    result = svd_conv(layer, spec)
+    result = svd_conv(layer, spec, stats)
     result.notes.append(f"1x1 conv is a Linear over channels: SVD instead of {method}")
     return result
 
 
 @register("svd-spatial", nn.Conv2d)
 @one_thread()
-def svd_spatial_conv(layer: nn.Conv2d, spec: RankSpec) -> Decomposition:
-    """Spatial SVD: conv kh x 1 (I -> r per group) then conv 1 x kw (r -> O, bias)."""
+def svd_spatial_conv(layer: nn.Conv2d, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    """Spatial SVD: conv kh x 1 (I -> r per group) then conv 1 x kw (r -> O, bias). With data the rows
+    (input channel, vertical tap) are whitened by ``channel (x) I_kh``: taps taken as uncorrelated."""
     geo = check_factorizable(layer)
     if geo.pointwise:
-        return delegate_pointwise(layer, spec, "svd-spatial")
+        return delegate_pointwise(layer, spec, "svd-spatial", stats)
     w = grouped_weight(layer)  # [g, o, i, kh, kw]
     g, o, i, kh, kw = w.shape
     mats = w.permute(0, 2, 3, 1, 4).reshape(g, i * kh, o * kw)
+    whiten = stats is not None and stats.channel is not None
+    if whiten:
+        root, inverse = (m.double() for m in stats.whitener(g))
+        mats = torch.einsum("gihn,gij->gjhn", mats.reshape(g, i, kh, -1), root).reshape(g, i * kh, o * kw)
     p, q, notes = factor_matrices(mats, spec, f"{i * kh}x{o * kw} per group")
+    if whiten:  # back from the whitened rows: p <- (L^-T (x) I) p
+        p = torch.einsum("gjhr,gji->gihr", p.double().reshape(g, i, kh, -1), inverse).reshape(g, i * kh, -1)
     rank = p.shape[2]
     first = spatial_step(geo, geo.in_channels, g * rank, (0,), g)
     second = spatial_step(geo, g * rank, geo.out_channels, (1,), g, bias=layer.bias is not None)
@@ -154,12 +178,12 @@ def svd_spatial_conv(layer: nn.Conv2d, spec: RankSpec) -> Decomposition:
 
 
 @register("svd-spatial", nn.Conv1d)
-def svd_spatial_conv1d(layer: nn.Conv1d, spec: RankSpec) -> Decomposition:
-    result = svd_conv(layer, spec)
+def svd_spatial_conv1d(layer: nn.Conv1d, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    result = svd_conv(layer, spec, stats)
     result.notes.append("svd-spatial needs two spatial axes: channel SVD for Conv1d")
     return result
 
 
 @register("svd-spatial", nn.Linear)
-def svd_spatial_linear(layer: nn.Linear, spec: RankSpec) -> Decomposition:
-    return delegate_linear(layer, spec, "svd-spatial")
+def svd_spatial_linear(layer: nn.Linear, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    return delegate_linear(layer, spec, "svd-spatial", stats)

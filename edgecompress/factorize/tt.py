@@ -61,7 +61,7 @@ def _padded(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 @register("tt", nn.Linear)
-def tt_linear(layer: nn.Linear, spec: RankSpec, d: int | None = None) -> Decomposition:
+def tt_linear(layer: nn.Linear, spec: RankSpec, stats=None, d: int | None = None) -> Decomposition:
     """TT-matrix of a Linear weight: ``d`` MatMuls (see ``best_d`` for how ``d`` is chosen when not given)."""
     return best_d(layer, spec, d, lambda k: _tt_linear(layer, spec, k), "macs_per_row")
 
@@ -148,7 +148,8 @@ def _conv(layer: nn.Module, c_in: int, c_out: int, weight: torch.Tensor, **overr
 
 
 @register("tt", nn.Conv1d, nn.Conv2d)
-def tt_conv(layer: nn.Module, spec: RankSpec, d: int | None = None, spatial_first: bool | None = None) -> Decomposition:
+def tt_conv(layer: nn.Module, spec: RankSpec, stats=None, d: int | None = None,
+            spatial_first: bool | None = None) -> Decomposition:
     """TT-conv: kernel as ``[k, (c_1 s_1), ..., (c_d s_d)]`` (spatial core first) or with the spatial core
     last, whichever needs fewer MACs per output position at the chosen ranks (``d`` as in ``best_d``)."""
     _check_conv(layer)
@@ -192,7 +193,7 @@ def _tt_conv(layer: nn.Module, spec: RankSpec, d: int, spatial_first: bool | Non
 
 
 @register("tt-naive", nn.Conv1d, nn.Conv2d)
-def tt_naive_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
+def tt_naive_conv(layer: nn.Module, spec: RankSpec, stats=None) -> Decomposition:
     """The naive TT of the 4-D kernel, modes ``(kh, kw, C, S)`` (seed 003 eq. (7))."""
     _check_conv(layer)
     s_out, c_in, kernel = layer.out_channels, layer.in_channels, tuple(layer.kernel_size)
@@ -220,7 +221,7 @@ def tt_naive_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
 
 
 @register("tt", nn.Embedding)
-def tt_embedding(layer: nn.Embedding, spec: RankSpec, d: int | None = None) -> Decomposition:
+def tt_embedding(layer: nn.Embedding, spec: RankSpec, stats=None, d: int | None = None) -> Decomposition:
     """TT-embedding: vocabulary and dimension split into ``d`` modes each (vocabulary padding is free:
     padded rows are never looked up)."""
     if layer.max_norm is not None:

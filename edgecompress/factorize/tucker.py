@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from tensorly.decomposition import partial_tucker
 
+from edgecompress.capture.stats import LayerStats
 from edgecompress.factorize.base import SkipLayer, one_thread
 from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
@@ -60,6 +61,16 @@ def tucker2(w: torch.Tensor, rank_out: int, rank_in: int) -> tuple[torch.Tensor,
     # the factors are orthonormal, so the error is ||W||^2 - ||core||^2: no reconstruction needed
     error = max(0.0, 1 - float((core * core).sum()) / (float((w * w).sum()) or 1.0)) ** 0.5
     return core, torch.stack(outs), torch.stack(ins), error
+
+
+def whitened_weight(layer: nn.Module, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The grouped weight ``[g, o, i, *k]`` with its input mode whitened (``W x_1 L^T``) and ``L^-1`` per group,
+    or the plain weight and None without data."""
+    w = grouped_weight(layer)
+    if stats is None or stats.channel is None:
+        return w, None
+    root, inverse = stats.whitener(w.shape[0])
+    return torch.einsum("goi...,gij->goj...", w, root.double()), inverse.double()
 
 
 def tucker_ranks(spec: RankSpec, w: torch.Tensor) -> tuple[int, int, list[str]]:
@@ -104,16 +115,21 @@ def tucker_ranks(spec: RankSpec, w: torch.Tensor) -> tuple[int, int, list[str]]:
 
 @register("tucker", nn.Conv1d, nn.Conv2d)
 @one_thread()
-def tucker_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
+def tucker_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    """With data the input mode is whitened by the channel covariance (``W x_1 L^T``, ``L L^T = C``), Tucker-2
+    runs on that tensor, and the input factor is mapped back (``U_in = L^-T U~_in``): the input factor
+    then comes from the covariance-weighted problem."""
     geo = check_factorizable(layer)
     if geo.pointwise:
-        return delegate_pointwise(layer, spec, "tucker")
-    w = grouped_weight(layer)
+        return delegate_pointwise(layer, spec, "tucker", stats)
+    w, inverse = whitened_weight(layer, stats)
     g, o, i = w.shape[:3]
     rank_out, rank_in, notes = tucker_ranks(spec, w)
     if rank_out < 1:
         raise SkipLayer(f"no Tucker-2 ranks save parameters at {spec.describe()} ({o}x{i}x{'x'.join(map(str, geo.kernel))} per group)")
     core, u_out, u_in, error = tucker2(w, rank_out, rank_in)
+    if inverse is not None:
+        u_in = torch.einsum("gji,gjb->gib", inverse, u_in)
     first = pointwise_step(geo, geo.in_channels, g * rank_in, g)
     middle = spatial_step(geo, g * rank_in, g * rank_out, tuple(range(geo.dims)), g)
     last = pointwise_step(geo, g * rank_out, geo.out_channels, g, bias=layer.bias is not None)
@@ -128,5 +144,5 @@ def tucker_conv(layer: nn.Module, spec: RankSpec) -> Decomposition:
 
 
 @register("tucker", nn.Linear)
-def tucker_linear(layer: nn.Linear, spec: RankSpec) -> Decomposition:
-    return delegate_linear(layer, spec, "tucker")
+def tucker_linear(layer: nn.Linear, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    return delegate_linear(layer, spec, "tucker", stats)

@@ -10,7 +10,7 @@ import torch
 def test_models_lists_zoo(cli):
     result = cli("models", "--json")
     assert result.exit_code == 0
-    rows = {r["name"]: r for r in json.loads(result.output)}
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert len(rows) >= 7
     assert rows["resnet18"]["params"] == 11_689_512 and rows["resnet18"]["input_shape"] == [1, 3, 224, 224]
 

@@ -29,7 +29,7 @@ def test_plan_json_has_one_record_per_candidate_layer(runner):
     result = runner.invoke(main, ["plan", "resnet18_cifar", "--method", "cp", "--ratio", "4", "--include", "layer1.*",
                                   "--include", "layer2.0.*", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["model"] == "resnet18_cifar" and data["config"]["method"] == "cp"
     names = [r["name"] for r in data["layers"]]
     assert names == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2",
@@ -48,7 +48,7 @@ def test_plan_json_has_one_record_per_candidate_layer(runner):
 def test_plan_reports_dense_layers_with_the_reason(runner):
     result = runner.invoke(main, ["plan", "lenet5", "--method", "svd", "--rank", "500", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     dense = [r for r in data["layers"] if r["method"] == "dense"]
     assert dense and all(r["reason"] for r in dense)
 
@@ -58,7 +58,7 @@ def test_plan_keeps_layers_below_min_params_dense_and_lists_them(runner):
     result = runner.invoke(main, ["plan", "cifar_conv", "--method", "tucker", "--ratio", "4", "--min-params", "4096",
                                   "--json"])
     assert result.exit_code == 0, result.output
-    by_name = {r["name"]: r for r in json.loads(result.output)["layers"]}
+    by_name = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
     first = by_name["features.0"]
     assert first["params_before"] < 4096 and first["method"] == "dense" and "floor of 4096" in first["reason"]
     assert by_name["features.4"]["method"] == "tucker"

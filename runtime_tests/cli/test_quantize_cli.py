@@ -110,7 +110,9 @@ def test_already_quantized(model, tmp_path):
 
 
 @pytest.mark.parametrize("arrays, text", [
-    ({"pixels": np.zeros((4, 1, 3, 32, 32), np.float32)}, "input names do not match"),
+    ({"pixels": np.zeros((4, 1, 3, 32, 32), np.float32), "extra": np.zeros((4, 1, 3, 32, 32), np.float32)},
+     "input names do not match"),
+    ({"input": np.full((4, 1, 3, 32, 32), np.nan, np.float32)}, "NaN or Inf"),
     ({"input": np.zeros((4, 1, 3, 16, 16), np.float32)}, "has shape (4, 1, 3, 16, 16)"),
     ({"input": np.zeros((0, 1, 3, 32, 32), np.float32)}, "is empty"),
     ({}, "is empty"),
@@ -120,6 +122,15 @@ def test_bad_calibration_data(model, tmp_path, arrays, text):
     calib, out = tmp_path / "calib.npz", tmp_path / "o.onnx"
     np.savez(calib, **arrays)
     _fails(_run("quantize", model / "fp32.onnx", "--int8", "-o", out, "--calib", calib), 2, text, out)
+
+
+def test_a_one_input_model_takes_the_single_array_whatever_its_key(model, tmp_path):
+    calib, out = tmp_path / "calib.npz", tmp_path / "o.onnx"
+    np.savez(calib, pixels=np.random.default_rng(0).standard_normal((6, 1, 3, 32, 32)).astype(np.float32))
+    result = _run("quantize", model / "fp32.onnx", "--int8", "-o", out, "--calib", calib, "--calib-samples", 4,
+                  "--eval-samples", 2)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
 
 
 def test_empty_calibration_folder(model, tmp_path):

@@ -178,7 +178,7 @@ def test_plan_reads_an_onnx_file(tmp_path):
     export("cifar_conv", dense)
     result = CliRunner().invoke(main, ["plan", str(dense), "--method", "cp", "--ratio", "4", "--json"])
     assert result.exit_code == 0, result.output
-    layers = {r["name"]: r for r in json.loads(result.output)["layers"]}
+    layers = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
     assert set(layers) == {"features.0", "features.4", "features.8", "features.11", "classifier"}
     assert layers["features.4"]["method"] == "cp" and layers["features.4"]["params_before"] / layers["features.4"]["params_after"] >= 4
 

@@ -85,7 +85,7 @@ def test_export_and_plan_keep_faster_through_the_cli(tmp_path):
     assert "kept dense, chain slower on cpu" in result.output
     result = runner.invoke(main, ["plan", "cifar_conv", "--method", "svd", "--ratio", "4", "--keep-faster", "--json"])
     assert result.exit_code == 0, result.output
-    layers = json.loads(result.output)["layers"]
+    layers = json.loads(result.stdout)["layers"]
     assert all("latency" in r["details"] for r in layers if r["method"] != "dense")
 
 

@@ -1,0 +1,101 @@
+"""Capturing layer inputs of an ONNX model with onnxruntime: the wanted tensors become extra graph outputs.
+
+``OnnxCapture`` serves the same factorization loop as ``TorchCapture``, for a model that exists only as an
+ONNX file: no PyTorch model of the whole network is built. The layers are the file's weight nodes, rebuilt
+as torch layers by ``onnx_factorize``; ``inputs(name)`` runs the original file and the working file (the
+chains of the layers before ``name`` spliced in by ``replace``) and fetches that node's input tensor. The
+dense inputs of every layer come from one run per batch while they fit ``memory_cap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from edgecompress import runtime
+from edgecompress.capture.samples import CalibrationSet
+from edgecompress.capture.stats import LayerInputs
+from edgecompress.capture.torch_capture import MEMORY_CAP
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the tensors ``names`` (types left to onnxruntime)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+    return out
+
+
+class _Runner:
+    """One session of a model with extra outputs; feeds a fixed-batch model one sample at a time."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: list[str]):
+        self.session = runtime.make_session(with_outputs(model, tensors))
+        self.tensors = tensors
+        first = self.session.get_inputs()[0].shape[0]
+        self.batch = first if isinstance(first, int) and first > 0 else None
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        n = len(next(iter(feed.values())))
+        step = self.batch or n
+        parts = [self.session.run(self.tensors, {k: v[s:s + step] for k, v in feed.items()}) for s in range(0, n, step)]
+        return {t: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k, t in enumerate(self.tensors)}
+
+
+class OnnxCapture:
+    """Layer inputs of an ONNX ``model`` as its layers are replaced one by one (``splice(model, name, chain)``
+    returns the model with that layer's chain in place of its node)."""
+
+    def __init__(self, model: onnx.ModelProto, activations: dict[str, str], calib: CalibrationSet,
+                 splice: Callable[[onnx.ModelProto, str, torch.nn.Module], onnx.ModelProto],
+                 sequential: bool = True, memory_cap: int = MEMORY_CAP):
+        self.dense, self.working, self.activations = model, model, activations  # layer -> its input tensor
+        self.calib, self.splice, self.sequential, self.memory_cap = calib, splice, sequential, memory_cap
+        self._cache: dict[str, tuple[list, list]] | None = None
+
+    def order(self, names: list[str]) -> list[str]:
+        """The graph's node order (ONNX keeps nodes topologically sorted)."""
+        position = {}
+        for k, node in enumerate(self.dense.graph.node):
+            for inp in node.input:
+                position.setdefault(inp, k)
+        return sorted((n for n in names if self.activations[n] in position), key=lambda n: position[self.activations[n]])
+
+    def inputs(self, name: str) -> LayerInputs:
+        dense, held_dense = self._dense_inputs(name)
+        if not self.sequential or self.working is self.dense:
+            return LayerInputs(dense, dense, held_dense, held_dense)
+        run = _Runner(self.working, [self.activations[name]])
+        tensor = self.activations[name]
+        return LayerInputs(dense, [run(b)[tensor] for b in self.calib.fit], held_dense,
+                           [run(b)[tensor] for b in self.calib.held])
+
+    def replace(self, name: str, module: torch.nn.Module) -> None:
+        self.working = self.splice(self.working, name, module)
+
+    def _dense_inputs(self, name: str) -> tuple[list, list]:
+        if self._cache is None:
+            self._cache = self._cache_all()
+        if name in self._cache:
+            return self._cache.pop(name)
+        run = _Runner(self.dense, [self.activations[name]])
+        tensor = self.activations[name]
+        return [run(b)[tensor] for b in self.calib.fit], [run(b)[tensor] for b in self.calib.held]
+
+    def _cache_all(self) -> dict[str, tuple[list, list]]:
+        tensors = sorted(set(self.activations.values()))
+        batches = self.calib.fit + self.calib.held
+        run = _Runner(self.dense, tensors)
+        first = run(batches[0])
+        if sum(t.numel() * t.element_size() for t in first.values()) * len(batches) > self.memory_cap:
+            return {}
+        caught = [first] + [run(b) for b in batches[1:]]
+        fit = len(self.calib.fit)
+        return {layer: ([c[t] for c in caught[:fit]], [c[t] for c in caught[fit:]])
+                for layer, t in self.activations.items()}

@@ -1,0 +1,118 @@
+"""Second moments of a layer's inputs and outputs on calibration data, streamed batch by batch.
+
+What the data-aware decompositions need (``docs/factorize.md``, "Data-aware factorization"):
+- ``channel``: the uncentred input covariance ``E[x x^T]`` over channels (a conv: over every pixel of every
+  sample; a Linear: over every row), ``[I, I]``. Tucker-2 and CP whiten their input mode with it, spatial
+  SVD whitens its vertical patches with ``channel (x) I_kh`` (taps taken as uncorrelated: the stated
+  approximation).
+- ``output``: ``E[y y^T]`` of the dense layer's output before the bias, ``[O, O]``. For channel SVD and a
+  Linear that is exactly ``W C W^T`` with ``C`` the im2col covariance, without ever forming ``C`` (which for
+  a 1024-channel conv with a 64-tap kernel would be 65536 x 65536).
+- ``tokens``: how often each id was looked up, for an Embedding.
+The inputs come from the compressed model where a capture gives them (the layer will see those), the
+outputs from the dense model (what the layer must reproduce).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+
+MAX_OUTPUT_GRAM = 8192  # larger outputs (a vocabulary-sized head) keep the weight-only factors
+
+
+@dataclasses.dataclass
+class LayerInputs:
+    """A layer's input batches: in the dense model and in the model compressed so far (``current``), for
+    the fitting samples and for the held-out ones. In independent mode ``current`` is ``dense``."""
+
+    dense: list[torch.Tensor]
+    current: list[torch.Tensor]
+    held_dense: list[torch.Tensor]
+    held_current: list[torch.Tensor]
+
+    @property
+    def samples(self) -> int:
+        return sum(len(x) for x in self.dense)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    count: int  # vectors summed (pixels x samples, or rows)
+    samples: int
+    channel: torch.Tensor | None = None  # [I, I] float64, a mean
+    output: torch.Tensor | None = None  # [O, O] float64, a mean
+    tokens: torch.Tensor | None = None  # [V] float64 counts
+    damping: float = 0.01
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def channel_damped(self) -> torch.Tensor:
+        """``channel + damping * mean variance * I``: invertible however few the samples."""
+        c = self.channel
+        mu = float(c.diagonal().mean()) or 1.0
+        return c + self.damping * mu * torch.eye(c.shape[0], dtype=c.dtype)
+
+    def whitener(self, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, L^-1)`` per group, ``[g, i, i]`` each, with ``L L^T`` the damped channel covariance of that
+        group's input channels (symmetric square root, from ``eigh``: stable where Cholesky is not)."""
+        c = self.channel_damped()
+        i = c.shape[0] // groups
+        blocks = torch.stack([c[k * i:(k + 1) * i, k * i:(k + 1) * i] for k in range(groups)])
+        values, vectors = torch.linalg.eigh(blocks)
+        root = values.clamp_min(values.max(-1, keepdim=True).values * 1e-12).sqrt()
+        return vectors * root[:, None, :] @ vectors.transpose(1, 2), vectors / root[:, None, :] @ vectors.transpose(1, 2)
+
+    def output_damped(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Per group ``[g, o, o]``: ``E[y y^T] + damping * mean input variance * W W^T``, the output covariance
+        under the damped input covariance (``W (C + d mu I) W^T``); ``weight`` as ``[g, o, n]``."""
+        o = self.output.shape[0] // groups
+        blocks = torch.stack([self.output[k * o:(k + 1) * o, k * o:(k + 1) * o] for k in range(groups)])
+        mu = float(self.channel.diagonal().mean()) if self.channel is not None else 1.0
+        w = weight.double()
+        return blocks + self.damping * mu * (w @ w.transpose(1, 2))
+
+
+def _rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """``[N, C, *spatial]`` -> ``[N * pixels, C]`` for a conv; ``[..., F]`` -> ``[rows, F]`` otherwise."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1]) if conv else x.reshape(-1, x.shape[-1])
+
+
+def _bias_free(layer: nn.Module, x: torch.Tensor, conv: bool) -> torch.Tensor:
+    y = layer(x)
+    if layer.bias is None:
+        return y
+    return y - (layer.bias.reshape(-1, *([1] * (y.dim() - 2))) if conv else layer.bias)
+
+
+@torch.no_grad()
+def layer_stats(layer: nn.Module, inputs: LayerInputs, damping: float = 0.01) -> LayerStats:
+    """The statistics of ``layer`` (Conv1d/Conv2d, Linear or Embedding) over the fitting batches."""
+    if isinstance(layer, nn.Embedding):
+        tokens = torch.zeros(layer.num_embeddings, dtype=torch.float64)
+        for ids in inputs.current:
+            tokens += torch.bincount(ids.reshape(-1).clamp(0, layer.num_embeddings - 1),
+                                     minlength=layer.num_embeddings).double()
+        return LayerStats(int(tokens.sum()), inputs.samples, tokens=tokens, damping=damping)
+    conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
+    channel, output, count, out_count = None, None, 0, 0
+    out_features = layer.out_channels if conv else layer.out_features
+    for x_current, x_dense in zip(inputs.current, inputs.dense):
+        rows = _rows(x_current, conv).double()
+        channel = rows.T @ rows if channel is None else channel.addmm_(rows.T, rows)
+        count += len(rows)
+        if out_features <= MAX_OUTPUT_GRAM:
+            y = _rows(_bias_free(layer, x_dense, conv), conv).double()
+            output = y.T @ y if output is None else output.addmm_(y.T, y)
+            out_count += len(y)
+    stats = LayerStats(count, inputs.samples, channel / max(count, 1), None if output is None else output / max(out_count, 1),
+                       damping=damping)
+    if output is None:
+        stats.notes.append(f"{out_features} outputs: too many for an output covariance; the output side is weight-only")
+    width = layer.in_channels * math.prod(layer.kernel_size) // layer.groups if conv else layer.in_features
+    if count < width:
+        stats.notes.append(f"{count} input vectors for a {width}-wide input: the covariance is rank-deficient, "
+                           f"damped by {damping:g} of the mean variance (more calibration samples would help)")
+    return stats

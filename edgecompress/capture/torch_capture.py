@@ -1,0 +1,130 @@
+"""Capturing layer inputs of a PyTorch model with forward pre-hooks.
+
+``TorchCapture`` serves the factorization loop: ``order`` finds the candidate layers' forward order
+(one forward pass), ``inputs(name)`` gives that layer's input batches in the dense model and in the working
+model (the one being factorized in place, so the layers before ``name`` are already chains). A forward
+stops as soon as the layer's input is caught, so the layers after it are not run. The dense inputs of
+every layer are caught in one pass and kept while they fit ``memory_cap``; beyond it each layer re-runs
+the dense model. A model whose forward only takes one sample at a time is fed sample by sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgecompress.capture.samples import CalibrationSet
+from edgecompress.capture.stats import LayerInputs
+from edgecompress.errors import ConfigError
+
+MEMORY_CAP = 1 << 30  # bytes of dense-model layer inputs kept between layers
+
+
+class _Stop(Exception):
+    """Raised by a hook once every wanted input is caught: the rest of the forward is not needed."""
+
+
+def _tensor(batch: dict[str, np.ndarray]) -> torch.Tensor:
+    (array,) = batch.values()
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@torch.no_grad()
+def catch_inputs(model: nn.Module, names: Iterable[str], x: torch.Tensor, stop: bool = True) -> dict[str, torch.Tensor]:
+    """The first input each layer in ``names`` gets when ``model`` runs on ``x`` (stopping once all are in)."""
+    names = list(names)
+    caught: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            if name not in caught:
+                caught[name] = args[0].detach()
+                if stop and len(caught) == len(names):
+                    raise _Stop
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return caught
+
+
+def _catch(model: nn.Module, names: list[str], x: torch.Tensor, stop: bool = True) -> dict[str, torch.Tensor]:
+    try:
+        return catch_inputs(model, names, x, stop)
+    except _Stop:
+        raise
+    except Exception:
+        if len(x) == 1:
+            raise
+    parts = [catch_inputs(model, names, x[k:k + 1], stop) for k in range(len(x))]  # a batch-1-only forward
+    return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+
+class TorchCapture:
+    """Layer inputs of ``model`` (factorized in place as the loop goes) and of its ``dense`` original."""
+
+    def __init__(self, model: nn.Module, dense: nn.Module, calib: CalibrationSet, sequential: bool = True,
+                 memory_cap: int = MEMORY_CAP):
+        self.model, self.dense, self.calib, self.sequential = model.eval(), dense.eval(), calib, sequential
+        self.memory_cap = memory_cap
+        self._dense_cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+
+    def order(self, names: list[str]) -> list[str]:
+        """``names`` in the order the forward pass calls them; layers it never calls are left out."""
+        seen = catch_inputs(self.model, names, _tensor(self.calib.fit[0])[:1], stop=False)
+        return list(seen)
+
+    def inputs(self, name: str) -> LayerInputs:
+        dense, held_dense = self._dense_inputs(name)
+        if not self.sequential:
+            return LayerInputs(dense, dense, held_dense, held_dense)
+        current = [_catch(self.model, [name], _tensor(b))[name] for b in self.calib.fit]
+        held = [_catch(self.model, [name], _tensor(b))[name] for b in self.calib.held]
+        return LayerInputs(dense, current, held_dense, held)
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Nothing to do: the loop swaps the chain into ``model`` itself."""
+
+    def _dense_inputs(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._dense_cache is None:
+            self._dense_cache = self._cache_all()
+        if name in self._dense_cache:
+            return self._dense_cache.pop(name)
+        fit = [_catch(self.dense, [name], _tensor(b))[name] for b in self.calib.fit]
+        return fit, [_catch(self.dense, [name], _tensor(b))[name] for b in self.calib.held]
+
+    def _cache_all(self) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Every candidate layer's dense inputs from one pass per batch, if they fit the memory cap."""
+        from edgecompress.factorize.registry import candidate_types
+
+        names = [n for n, m in self.dense.named_modules() if n and isinstance(m, candidate_types())]
+        batches = self.calib.fit + self.calib.held
+        if not names or not batches:
+            return {}
+        first = _catch(self.dense, names, _tensor(batches[0]), stop=False)
+        per_batch = sum(t.numel() * t.element_size() for t in first.values())
+        if per_batch * len(batches) > self.memory_cap:
+            return {}
+        caught = [first] + [_catch(self.dense, names, _tensor(b), stop=False) for b in batches[1:]]
+        fit = len(self.calib.fit)
+        return {n: ([c[n] for c in caught[:fit]], [c[n] for c in caught[fit:]]) for n in first}
+
+
+def check_fits(model: nn.Module, calib: CalibrationSet) -> None:
+    """Run ``model`` on one calibration sample: data that does not fit the model fails here, in one line."""
+    x = _tensor(calib.fit[0])[:1]
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        raise ConfigError(f"calibration data of shape {list(x.shape[1:])} per sample does not fit the model: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

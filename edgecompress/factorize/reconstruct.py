@@ -1,0 +1,131 @@
+"""Fitting a factorized layer to data: the closed-form refit of its last step, and its output errors.
+
+``refit_last_`` (Zhang, Zou, He, Sun, TPAMI 2016; AIMET's layer-wise reconstruction) solves the chain's
+last linear step and its bias by ridge least squares: the features are what the steps before it make of
+the layer's inputs in the compressed model, the targets are the dense layer's outputs on the dense model's
+inputs, so errors from the layers before are corrected, not piled up. It works for every conv chain
+(svd, svd-spatial, tucker, cp: the last conv, grouped or not, 1x1 or 1 x kw) and for low-rank Linears.
+Chains whose last step is not a plain linear map of features (TT) get ``refine_``: a few L-BFGS steps on
+the same loss, over all their parameters, kept only if the held-out error falls.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgecompress.capture.stats import LayerInputs
+from edgecompress.factorize.base import FactorizedLayer
+from edgecompress.factorize.layers import ConvChain, LowRankLinear
+
+RIDGE = 1e-4  # of the mean feature energy: keeps the solve well posed with few samples
+REFINE_STEPS = 20  # digits TT-4x: 10 steps 97.8%, 20 steps 98.9%, 30 steps 98.9% (11, 15, 20 s)
+
+
+def _last_and_prefix(chain: FactorizedLayer) -> tuple[nn.Module, nn.Module] | None:
+    if isinstance(chain, LowRankLinear):
+        return chain.second, chain.first
+    if isinstance(chain, ConvChain):
+        return chain.steps[-1], nn.Sequential(*list(chain.steps)[:-1])
+    return None
+
+
+def can_refit(chain: FactorizedLayer) -> bool:
+    pair = _last_and_prefix(chain)
+    return pair is not None and not (isinstance(pair[0], (nn.Conv1d, nn.Conv2d)) and isinstance(pair[0].padding, str))
+
+
+def _features(last: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """What ``last`` multiplies its weight with, as rows ``[positions, in/groups * kernel]`` per group
+    (``[groups, positions, F]``)."""
+    if isinstance(last, nn.Linear):
+        return h.reshape(1, -1, h.shape[-1])
+    g = last.groups
+    if all(k == 1 for k in last.kernel_size) and all(s == 1 for s in last.stride) and not any(last.padding):
+        rows = h.movedim(1, -1).reshape(-1, h.shape[1])
+    else:  # a 1 x kw step (spatial SVD): im2col with the step's geometry
+        cols = F.unfold(h, last.kernel_size, last.dilation, last.padding, last.stride)  # [N, C*k, L]
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return rows.reshape(len(rows), g, -1).transpose(0, 1)
+
+
+def _targets(last: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    g = 1 if isinstance(last, nn.Linear) else last.groups
+    rows = y.reshape(-1, y.shape[-1]) if isinstance(last, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
+    return rows.reshape(len(rows), g, -1).transpose(0, 1)
+
+
+@torch.no_grad()
+def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, ridge: float = RIDGE) -> None:
+    """Solve ``chain``'s last step (and bias) so that it maps its features on ``inputs.current`` to
+    ``layer``'s outputs on ``inputs.dense``, in place."""
+    last, prefix = _last_and_prefix(chain)
+    bias = last.bias is not None
+    gram = cross = None
+    for x_current, x_dense in zip(inputs.current, inputs.dense):
+        h = _features(last, prefix(x_current)).double()
+        if bias:
+            h = torch.cat([h, h.new_ones(*h.shape[:2], 1)], dim=2)
+        y = _targets(last, layer(x_dense)).double()
+        gram = h.transpose(1, 2) @ h if gram is None else gram + h.transpose(1, 2) @ h
+        cross = h.transpose(1, 2) @ y if cross is None else cross + h.transpose(1, 2) @ y
+    f = gram.shape[1] - bias
+    scale = gram[:, :f, :f].diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+    eye = torch.eye(gram.shape[1], dtype=gram.dtype)
+    if bias:
+        eye[-1, -1] = 0  # the bias is not shrunk
+    solution = torch.linalg.solve(gram + ridge * scale[:, None, None] * eye, cross)  # [g, F(+1), O/g]
+    weight = solution[:, :f].transpose(1, 2).reshape(last.weight.shape[0], -1)
+    last.weight.copy_(weight.reshape(last.weight.shape).to(last.weight.dtype))
+    if bias:
+        last.bias.copy_(solution[:, f].reshape(-1).to(last.bias.dtype))
+
+
+@torch.no_grad()
+def output_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> tuple[float, float]:
+    """Relative output errors of ``chain`` against ``layer`` on the held-out inputs (the fitted ones when
+    none are held out): (on the same dense inputs, in the compressed model against the dense model)."""
+    dense = inputs.held_dense or inputs.dense
+    current = inputs.held_current or inputs.current
+    local = in_model = energy = 0.0
+    for x_dense, x_current in zip(dense, current):
+        y = layer(x_dense).double()
+        energy += float(y.pow(2).sum())
+        local += float((chain(x_dense).double() - y).pow(2).sum())
+        in_model += float((chain(x_current).double() - y).pow(2).sum())
+    energy = energy or 1e-30
+    return math.sqrt(local / energy), math.sqrt(in_model / energy)
+
+
+def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps: int = REFINE_STEPS) -> bool:
+    """L-BFGS on ``||chain(current) - layer(dense)||^2`` over all of ``chain``'s parameters; the chain is
+    changed only if its held-out in-model error falls. Returns whether it was."""
+    with torch.no_grad():
+        targets = [layer(x) for x in inputs.dense]
+    before = output_errors(chain, layer, inputs)[1]
+    trial = copy.deepcopy(chain).train()
+    params = [p for p in trial.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    norm = sum(float(t.pow(2).sum()) for t in targets) or 1.0
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = sum((trial(x) - t).pow(2).sum() for x, t in zip(inputs.current, targets)) / norm
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    for p in params:
+        p.requires_grad_(False)
+    trial.eval()
+    if output_errors(trial, layer, inputs)[1] < before:
+        chain.load_state_dict(trial.state_dict())
+        return True
+    return False
