@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -198,8 +199,10 @@ def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: b
     if isinstance(layer, nn.Embedding):
         return "data: rows weighted by how often they are looked up"
     if can_refit(chain):
-        refit_last_(chain, layer, inputs)
-        return "data: whitened factors, last step refit"
+        shrinkage = refit_last_(chain, layer, inputs)
+        if math.isinf(shrinkage):
+            return "data: whitened factors (the refit of the last step did worse on held-out samples)"
+        return f"data: whitened factors, last step refit (shrinkage {shrinkage:g})"
     if refine_(chain, layer, inputs):
         return "data: all factors refined (L-BFGS)"
     return "data: whitened factors"
