@@ -73,8 +73,12 @@ def load_samples_for(path: str | Path, infos: list[InputInfo]) -> list[Sample]:
         arrays = _read_folder(path, infos)
     elif path.is_file():
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files} if hasattr(data, "files") else {infos[0].name: data}
+            data = np.load(path, allow_pickle=False)
+            if hasattr(data, "files"):  # .npz: an archive to close
+                with data:
+                    arrays = {k: data[k] for k in data.files}
+            else:  # .npy: one array, for a one-input model
+                arrays = {infos[0].name: data}
         except (ValueError, OSError) as exc:
             raise LoadError(f"calibration file {str(path)!r} is not a .npz/.npy file: {str(exc).splitlines()[0]}") from None
     else:

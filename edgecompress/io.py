@@ -26,14 +26,27 @@ def ensure_writable(path: str | os.PathLike) -> Path:
         raise EdgeCompressError(f"output path {str(path)!r} is a folder: give a file name")
     if not os.access(parent, os.W_OK):
         raise EdgeCompressError(f"cannot write to {str(parent)!r}: choose a writable output path")
+    _probe(parent)  # root passes os.access everywhere; /proc, /sys and read-only mounts still refuse files
     return path
+
+
+def _probe(folder: Path) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgecompress-probe-", dir=folder)
+    except OSError as exc:
+        raise EdgeCompressError(f"cannot write to {str(folder)!r} ({exc.strerror}): choose a writable output path") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = ensure_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise EdgeCompressError(f"cannot write {str(path)!r} ({exc.strerror}): choose a writable output path") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

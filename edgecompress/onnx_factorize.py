@@ -38,8 +38,8 @@ METHODS = ("svd", "svd-spatial", "tucker", "cp")
 
 
 def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int | None = None,
-                   latency_config=None, calib=None, calib_path: str | Path | None = None
-                   ) -> tuple[onnx.ModelProto, FactorizeReport]:
+                   latency_config=None, calib=None, calib_path: str | Path | None = None,
+                   sequential: bool = True) -> tuple[onnx.ModelProto, FactorizeReport]:
     """A copy of ``model`` with its Conv/Gemm/MatMul/Gather weight nodes factorized, and the per-layer report.
     With calibration data (``calib``, a ``capture.CalibrationSet``, or ``calib_path``) each layer is fitted to
     its inputs, captured with onnxruntime (``capture.OnnxCapture``), as for a PyTorch model.
@@ -61,7 +61,7 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
         from edgecompress.capture.samples import onnx_calibration
 
         calib = onnx_calibration(model, calib_path)
-    capture = _capture(model, nodes, calib, opset) if calib is not None else None
+    capture = _capture(model, nodes, calib, opset, sequential) if calib is not None else None
     report = factorize_(root, config, capture=capture)
     new = _build(model, root, nodes, report, opset)
     if latency_config is not None and report.factorized:
@@ -73,7 +73,7 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
     return new, report
 
 
-def _capture(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], calib, opset: int):
+def _capture(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], calib, opset: int, sequential: bool):
     """An ``OnnxCapture`` of ``model``'s weight nodes whose ``replace`` splices a layer's chain in."""
     from edgecompress.capture import OnnxCapture
 
@@ -86,7 +86,7 @@ def _capture(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], calib, op
         _splice(new, _same_node(new, node), name, chain, _known_shape(shapes, node), opset)
         return new
 
-    return OnnxCapture(model, {name: _activation(node) for name, node in nodes.items()}, calib, splice)
+    return OnnxCapture(model, {name: _activation(node) for name, node in nodes.items()}, calib, splice, sequential)
 
 
 def _known_shape(shapes: dict[str, tuple[int, ...]], node: onnx.NodeProto) -> tuple[int, ...]:

@@ -33,10 +33,19 @@ class LayerInputs:
     current: list[torch.Tensor]
     held_dense: list[torch.Tensor]
     held_current: list[torch.Tensor]
+    targets: list[torch.Tensor] | None = None  # the dense layer's outputs on ``dense`` (see ``with_targets``)
+    held_targets: list[torch.Tensor] | None = None
 
     @property
     def samples(self) -> int:
         return sum(len(x) for x in self.dense)
+
+    @torch.no_grad()
+    def with_targets(self, layer: nn.Module) -> LayerInputs:
+        """Compute the dense layer's outputs once: statistics, refit and errors all read them."""
+        self.targets = [layer(x) for x in self.dense]
+        self.held_targets = [layer(x) for x in self.held_dense]
+        return self
 
 
 @dataclasses.dataclass
@@ -80,8 +89,7 @@ def _rows(x: torch.Tensor, conv: bool) -> torch.Tensor:
     return x.movedim(1, -1).reshape(-1, x.shape[1]) if conv else x.reshape(-1, x.shape[-1])
 
 
-def _bias_free(layer: nn.Module, x: torch.Tensor, conv: bool) -> torch.Tensor:
-    y = layer(x)
+def _bias_free(layer: nn.Module, y: torch.Tensor, conv: bool) -> torch.Tensor:
     if layer.bias is None:
         return y
     return y - (layer.bias.reshape(-1, *([1] * (y.dim() - 2))) if conv else layer.bias)
@@ -99,13 +107,16 @@ def layer_stats(layer: nn.Module, inputs: LayerInputs, damping: float = 0.01) ->
     conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
     channel, output, count, out_count = None, None, 0, 0
     out_features = layer.out_channels if conv else layer.out_features
-    for x_current, x_dense in zip(inputs.current, inputs.dense):
-        rows = _rows(x_current, conv).double()
-        channel = rows.T @ rows if channel is None else channel.addmm_(rows.T, rows)
+    targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
+    for x_current, y_dense in zip(inputs.current, targets):
+        rows = _rows(x_current, conv)
+        product = (rows.T @ rows).double()  # float32 product of one batch, summed in float64
+        channel = product if channel is None else channel.add_(product)
         count += len(rows)
         if out_features <= MAX_OUTPUT_GRAM:
-            y = _rows(_bias_free(layer, x_dense, conv), conv).double()
-            output = y.T @ y if output is None else output.addmm_(y.T, y)
+            y = _rows(_bias_free(layer, y_dense, conv), conv)
+            product = (y.T @ y).double()
+            output = product if output is None else output.add_(product)
             out_count += len(y)
     stats = LayerStats(count, inputs.samples, channel / max(count, 1), None if output is None else output / max(out_count, 1),
                        damping=damping)

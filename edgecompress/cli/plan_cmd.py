@@ -21,7 +21,11 @@ from edgecompress.io import to_json
 @factorize_options
 @latency_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_speedup, precision, provider, threads, **fopts):
+@click.option("--sequential", is_flag=True,
+              help="With data: fit layer by layer in the compressed model, as export does (one partial forward per "
+                   "layer). Default: each layer on the dense model's inputs, all from one calibration pass.")
+def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_faster, min_speedup, precision, provider,
+            threads, **fopts):
     """Show what factorizing MODEL would do, layer by layer, without exporting.
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory,
@@ -44,14 +48,15 @@ def command(model, weights, input_shape, input_dtype, as_json, keep_faster, min_
 
             if weights or input_shape:
                 raise ConfigError("--weights and --input-shape cannot be used with an ONNX file as MODEL")
-            _, report = factorize_onnx(load_onnx(model), config, latency_config=latency, calib_path=fopts["calib_path"])
+            _, report = factorize_onnx(load_onnx(model), config, latency_config=latency, calib_path=fopts["calib_path"],
+                                       sequential=sequential)
         else:
             from edgecompress.loading import load_model
 
             loaded = load_model(model, weights, input_shape, input_dtype)
             calib = torch_calibration_from(loaded, fopts["calib_path"], config)
             report = plan(loaded, config, progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
-                          latency_config=latency, calib=calib)
+                          latency_config=latency, calib=calib, sequential=sequential)
     if as_json:
         click.echo(to_json({"model": model, **report.to_dict()}))
         return

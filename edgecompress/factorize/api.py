@@ -65,24 +65,25 @@ class FactorizeReport:
 
 
 def factorize(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
-              progress: Progress | None = None, calib=None) -> tuple[nn.Module, FactorizeReport]:
+              progress: Progress | None = None, calib=None, sequential: bool = True) -> tuple[nn.Module, FactorizeReport]:
     """A factorized copy of ``model`` and its per-layer report; ``model`` is left untouched.
     With example ``inputs`` the report also holds MACs before and after; with a ``calib``
     (``capture.CalibrationSet``) the factors are fitted to the data (see ``factorize_``)."""
     new = copy.deepcopy(model)
-    return new, factorize_(new, config, inputs, progress, calib)
+    return new, factorize_(new, config, inputs, progress, calib, sequential=sequential)
 
 
 @torch.no_grad()
 def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
-               progress: Progress | None = None, calib=None, capture=None) -> FactorizeReport:
+               progress: Progress | None = None, calib=None, capture=None, sequential: bool = True) -> FactorizeReport:
     """Factorize ``model`` in place and return the per-layer report.
 
     With calibration data (``calib``, or a ready ``capture`` of layer inputs: ONNX input brings its own)
     the layers go in forward order, each fitted to its inputs in the model compressed so far: data-aware
     factors (whitened, ``capture.stats``), then the last step refit to the dense layer's outputs
     (``reconstruct``), and its output error measured on held-out samples. ``config.data_free`` keeps the
-    weight-only factors and only measures them."""
+    weight-only factors and only measures them. ``sequential=False`` fits every layer on the dense model's
+    inputs instead (one calibration pass for all layers: what ``plan`` does by default, for speed)."""
     start = time.perf_counter()
     model.eval()
     macs_before = count_macs(model, inputs)[1] if inputs is not None else {}
@@ -93,7 +94,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     if capture is None and calib is not None:
         from edgecompress.capture import TorchCapture
 
-        capture = TorchCapture(model, copy.deepcopy(model), calib)
+        capture = TorchCapture(model, copy.deepcopy(model), calib, sequential)
     records, unreached = [], []
     if capture is not None:
         order = capture.order([name for name, _ in candidates])
@@ -156,7 +157,7 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
     if record.reason:
         return record
     start = time.perf_counter()
-    inputs = capture.inputs(name) if capture is not None else None
+    inputs = capture.inputs(name).with_targets(layer) if capture is not None else None
     stats = None
     if inputs is not None and not config.data_free:
         from edgecompress.capture.stats import layer_stats

@@ -66,14 +66,15 @@ SHRINKAGE = (1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
 DEFAULT_SHRINKAGE = 1e-1  # when there is a single batch to fit
 
 
-def _moments(last: nn.Module, prefix: nn.Module, layer: nn.Module, x_current: torch.Tensor, x_dense: torch.Tensor,
+def _moments(last: nn.Module, prefix: nn.Module, x_current: torch.Tensor, y_dense: torch.Tensor,
              bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group ``H^T H`` and ``H^T Y`` of one batch (features with a ones column for the bias), float64."""
-    h = _features(last, prefix(x_current)).double()
+    h = _features(last, prefix(x_current))
     if bias:
         h = torch.cat([h, h.new_ones(*h.shape[:2], 1)], dim=2)
-    y = _targets(last, layer(x_dense)).double()
-    return h.transpose(1, 2) @ h, h.transpose(1, 2) @ y
+    y = _targets(last, y_dense)
+    # float32 products of one batch (16 samples), summed in float64
+    return (h.transpose(1, 2) @ h).double(), (h.transpose(1, 2) @ y).double()
 
 
 @torch.no_grad()
@@ -83,7 +84,8 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
     decomposition gave, by the shrinkage that predicts left-out batches best. Returns that shrinkage."""
     last, prefix = _last_and_prefix(chain)
     bias = last.bias is not None
-    parts = [_moments(last, prefix, layer, c, d, bias) for c, d in zip(inputs.current, inputs.dense)]
+    targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
+    parts = [_moments(last, prefix, c, y, bias) for c, y in zip(inputs.current, targets)]
     gram, cross = sum(p[0] for p in parts), sum(p[1] for p in parts)
     g, f = gram.shape[0], gram.shape[1] - bias
     prior = last.weight.detach().double().reshape(g, last.weight.shape[0] // g, f).transpose(1, 2)  # [g, F, O/g]
@@ -93,8 +95,10 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
     def solve(alpha: float, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         if math.isinf(alpha):
             return prior
-        scale = torch.diag_embed(gram.diagonal(dim1=1, dim2=2).clamp_min(1e-30))
-        return torch.linalg.solve(gram + alpha * scale, cross + alpha * scale @ prior)
+        scale = alpha * gram.diagonal(dim1=1, dim2=2).clamp_min(1e-30)  # [g, F]
+        shrunk = gram.clone()
+        shrunk.diagonal(dim1=1, dim2=2).add_(scale)
+        return torch.linalg.solve(shrunk, cross + scale[:, :, None] * prior)
 
     def left_out_error(alpha: float) -> float:
         total = 0.0
@@ -116,14 +120,17 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
 def output_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> tuple[float, float]:
     """Relative output errors of ``chain`` against ``layer`` on the held-out inputs (the fitted ones when
     none are held out): (on the same dense inputs, in the compressed model against the dense model)."""
-    dense = inputs.held_dense or inputs.dense
-    current = inputs.held_current or inputs.current
+    held = bool(inputs.held_dense)
+    dense, current = (inputs.held_dense, inputs.held_current) if held else (inputs.dense, inputs.current)
+    targets = inputs.held_targets if held else inputs.targets
+    targets = targets if targets is not None else [layer(x) for x in dense]
     local = in_model = energy = 0.0
-    for x_dense, x_current in zip(dense, current):
-        y = layer(x_dense).double()
+    for x_dense, x_current, y in zip(dense, current, targets):
+        y = y.double()
         energy += float(y.pow(2).sum())
-        local += float((chain(x_dense).double() - y).pow(2).sum())
-        in_model += float((chain(x_current).double() - y).pow(2).sum())
+        local_part = float((chain(x_dense).double() - y).pow(2).sum())
+        local += local_part
+        in_model += local_part if x_current is x_dense else float((chain(x_current).double() - y).pow(2).sum())
     energy = energy or 1e-30
     return math.sqrt(local / energy), math.sqrt(in_model / energy)
 
@@ -132,7 +139,7 @@ def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps
     """L-BFGS on ``||chain(current) - layer(dense)||^2`` over all of ``chain``'s parameters; the chain is
     changed only if its held-out in-model error falls. Returns whether it was."""
     with torch.no_grad():
-        targets = [layer(x) for x in inputs.dense]
+        targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
     before = output_errors(chain, layer, inputs)[1]
     trial = copy.deepcopy(chain).train()
     params = [p for p in trial.parameters()]

@@ -81,3 +81,14 @@ def test_unwritable_output(cli, tmp_path):
     blocker.write_text("")
     result = cli("export", "lenet5", "-o", blocker / "sub" / "x.onnx")
     assert "cannot create folder" in _one_line_error(result)
+
+
+@pytest.mark.parametrize("command", [["export", "lenet5"], ["quantize", "MODEL", "--int8", "--random-calib"]])
+def test_output_in_a_place_that_refuses_files_is_one_line(cli, tmp_path, command):
+    """/proc takes no new files even for root (who passes every permission check): one line, not a
+    tempfile traceback."""
+    model = tmp_path / "m.onnx"
+    assert cli("export", "lenet5", "-o", model).exit_code == 0
+    args = [str(model) if a == "MODEL" else a for a in command]
+    result = cli(*args, "-o", "/proc/edgecompress-test.onnx")
+    assert "cannot write to '/proc'" in _one_line_error(result)
