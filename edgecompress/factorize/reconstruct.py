@@ -22,6 +22,7 @@ from edgecompress.capture.stats import LayerInputs
 from edgecompress.factorize.base import FactorizedLayer
 from edgecompress.factorize.layers import ConvChain, LowRankLinear
 
+REFINE_BUDGET = 1 << 21  # target values the refine fits on (8 MB of float32)
 REFINE_STEPS = 20  # digits TT-4x: 10 steps 97.8%, 20 steps 98.9%, 30 steps 98.9% (11, 15, 20 s)
 
 
@@ -135,11 +136,27 @@ def output_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> tu
     return math.sqrt(local / energy), math.sqrt(in_model / energy)
 
 
+def _within_budget(currents: list[torch.Tensor], targets: list[torch.Tensor]):
+    """The first samples whose targets hold at most ``REFINE_BUDGET`` values (at least one sample): each
+    L-BFGS step runs the chain forward and backward on them (resnet18 at 224, all 64 samples: minutes a layer)."""
+    kept_x, kept_y, used = [], [], 0
+    for x, y in zip(currents, targets):
+        per_sample = y[0].numel()
+        room = max(1 if not kept_y else 0, (REFINE_BUDGET - used) // per_sample)
+        if room == 0:
+            break
+        kept_x.append(x[:room])
+        kept_y.append(y[:room])
+        used += per_sample * len(kept_y[-1])
+    return kept_x, kept_y
+
+
 def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps: int = REFINE_STEPS) -> bool:
     """L-BFGS on ``||chain(current) - layer(dense)||^2`` over all of ``chain``'s parameters; the chain is
     changed only if its held-out in-model error falls. Returns whether it was."""
     with torch.no_grad():
         targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
+    currents, targets = _within_budget(inputs.current, targets)
     before = output_errors(chain, layer, inputs)[1]
     trial = copy.deepcopy(chain).train()
     params = [p for p in trial.parameters()]
@@ -150,7 +167,7 @@ def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps
 
     def closure():
         opt.zero_grad()
-        loss = sum((trial(x) - t).pow(2).sum() for x, t in zip(inputs.current, targets)) / norm
+        loss = sum((trial(x) - t).pow(2).sum() for x, t in zip(currents, targets)) / norm
         loss.backward()
         return loss
 
