@@ -16,6 +16,7 @@ the rank, and the layer is left dense (with the reason) when nothing healthy com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 from edgecompress.capture.stats import LayerStats
 from edgecompress.factorize.base import SkipLayer, one_thread
-from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad,
+from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import CPConv
 from edgecompress.factorize.ranks import RankSpec, energy_rank, round_down, round_up, single_rank
@@ -39,6 +40,7 @@ MAX_ITERATIONS = 25
 TOLERANCE = 5e-4  # stop when an iteration improves the relative error by less than this
 ATTEMPTS = (("svd", 0), ("random", 1), ("random", 2))  # the first start, then the restarts
 DEGENERATE = 100.0  # a component this many times the tensor's norm means cancelling components
+BIG_ALS = 1e9  # weights x rank: above it the ALS GEMMs run on every torch thread (CREPE full's 1024x128x64 conv)
 MAX_ELEMENTS = 1 << 27  # largest ALS intermediate (float32 elements, 512 MiB): caps the rank
 
 
@@ -202,8 +204,15 @@ def _decompose_groups(w: torch.Tensor, rank: int, notes: list[str]) -> list[CPRe
 
 
 @register("cp", nn.Conv1d, nn.Conv2d)
-@one_thread()
 def cp_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
+    """CP of a conv; on one torch thread unless its ALS GEMMs are big enough for two (``BIG_ALS``)."""
+    w = grouped_weight(layer)
+    rank = cp_rank(spec, w)[0] if not check_factorizable(layer).pointwise else 0
+    with contextlib.nullcontext() if w.numel() * rank > BIG_ALS else one_thread():
+        return _cp_conv(layer, spec, stats)
+
+
+def _cp_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
     """With data CP-ALS runs on the tensor whose input mode is whitened (as Tucker-2 does), and the input
     factor is mapped back, its column norms moved into the component weights."""
     geo = check_factorizable(layer)
