@@ -89,11 +89,10 @@ def torch_calibration(loaded, path: str | Path | None = None, count: int = CALIB
     """Calibration samples for a PyTorch model (``loading.LoadedModel``): from ``path``, else the zoo entry's
     own training data where it ships some (``count`` samples, plus an eighth more held out), else None."""
     from edgecompress.calibration import InputInfo
-    from edgecompress.loading import DTYPES
 
     spec = loaded.input_spec
     if path is not None:
-        info = InputInfo("input", (None, *spec.shape[1:]), np.dtype(str(DTYPES[spec.dtype]).replace("torch.", "")))
+        info = InputInfo("input", (None, *spec.shape[1:]), np.dtype(spec.dtype))  # "float32" or "int64"
         return calibration_set(read_calibration(path, [info]), str(path), limit=count)
     from edgecompress.models import get_spec, list_models
 
