@@ -18,7 +18,7 @@ import torch
 from edgecompress import runtime
 from edgecompress.capture.samples import CalibrationSet
 from edgecompress.capture.stats import LayerInputs
-from edgecompress.capture.torch_capture import MEMORY_CAP
+from edgecompress.capture.torch_capture import MEMORY_CAP, relative_error
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -48,6 +48,13 @@ class _Runner:
         return {t: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k, t in enumerate(self.tensors)}
 
 
+def _graph_outputs(model: onnx.ModelProto, batches) -> list[torch.Tensor]:
+    """The graph outputs of ``model`` on each batch, as one flat float64 vector per batch."""
+    names = [o.name for o in model.graph.output]
+    run = _Runner(model, names)
+    return [torch.cat([t.double().reshape(-1) for t in run(b).values()]) for b in batches]
+
+
 class OnnxCapture:
     """Layer inputs of an ONNX ``model`` as its layers are replaced one by one (``splice(model, name, chain)``
     returns the model with that layer's chain in place of its node)."""
@@ -58,6 +65,7 @@ class OnnxCapture:
         self.dense, self.working, self.activations = model, model, activations  # layer -> its input tensor
         self.calib, self.splice, self.sequential, self.memory_cap = calib, splice, sequential, memory_cap
         self._cache: dict[str, tuple[list, list]] | None = None
+        self._final: list[torch.Tensor] | None = None
 
     def order(self, names: list[str]) -> list[str]:
         """The graph's node order (ONNX keeps nodes topologically sorted)."""
@@ -78,6 +86,13 @@ class OnnxCapture:
 
     def replace(self, name: str, module: torch.nn.Module) -> None:
         self.working = self.splice(self.working, name, module)
+
+    def final_error(self, name: str, module: torch.nn.Module) -> float:
+        """Relative error of the model's outputs on the held-out samples with ``module`` spliced in for
+        ``name`` (and the layers fitted so far), against the dense file's: the end-to-end check of a fit."""
+        if self._final is None:
+            self._final = _graph_outputs(self.dense, self.calib.evaluation())
+        return relative_error(self._final, _graph_outputs(self.splice(self.working, name, module), self.calib.evaluation()))
 
     def _dense_inputs(self, name: str) -> tuple[list, list]:
         if self._cache is None:

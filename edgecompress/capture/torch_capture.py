@@ -69,6 +69,21 @@ def _catch(model: nn.Module, names: list[str], x: torch.Tensor, stop: bool = Tru
     return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
 
+def _outputs(result) -> torch.Tensor:
+    """A model's outputs (a tensor, or a tuple / list / dict of them) as one flat float64 vector per call."""
+    if isinstance(result, dict):
+        result = list(result.values())
+    if isinstance(result, (tuple, list)):
+        return torch.cat([_outputs(r) for r in result])
+    return result.detach().double().reshape(-1)
+
+
+def relative_error(reference: list[torch.Tensor], approx: list[torch.Tensor]) -> float:
+    """``||approx - reference|| / ||reference||`` over lists of flat outputs."""
+    energy = sum(float(r.pow(2).sum()) for r in reference) or 1e-30
+    return (sum(float((a - r).pow(2).sum()) for a, r in zip(approx, reference)) / energy) ** 0.5
+
+
 class TorchCapture:
     """Layer inputs of ``model`` (factorized in place as the loop goes) and of its ``dense`` original."""
 
@@ -77,6 +92,7 @@ class TorchCapture:
         self.model, self.dense, self.calib, self.sequential = model.eval(), dense.eval(), calib, sequential
         self.memory_cap = memory_cap
         self._dense_cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        self._final: list[torch.Tensor] | None = None
 
     def order(self, names: list[str]) -> list[str]:
         """``names`` in the order the forward pass calls them; layers it never calls are left out."""
@@ -93,6 +109,19 @@ class TorchCapture:
 
     def replace(self, name: str, module: nn.Module) -> None:
         """Nothing to do: the loop swaps the chain into ``model`` itself."""
+
+    @torch.no_grad()
+    def final_error(self, name: str, module: nn.Module) -> float:
+        """Relative error of the model's outputs on the held-out samples, with ``module`` in place of layer
+        ``name`` (and the layers fitted so far), against the dense model's: the end-to-end check of a fit."""
+        if self._final is None:
+            self._final = [_outputs(self.dense(_tensor(b))) for b in self.calib.evaluation()]
+        original = self.model.get_submodule(name)
+        self.model.set_submodule(name, module)
+        try:
+            return relative_error(self._final, [_outputs(self.model(_tensor(b))) for b in self.calib.evaluation()])
+        finally:
+            self.model.set_submodule(name, original)
 
     def _dense_inputs(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._dense_cache is None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -174,7 +175,8 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
         return record
     record.notes = list(result.notes) + (stats.notes if stats is not None else [])
     if inputs is not None:
-        record.fit = _fit_to_data(result.module, layer, inputs, stats is not None)
+        judge = functools.partial(capture.final_error, name) if hasattr(capture, "final_error") else None
+        record.fit, record.model_output_error = _fit_to_data(result.module, layer, inputs, stats is not None, judge)
         record.output_error, record.output_error_in_model = (round(e, 6) for e in output_errors(result.module, layer, inputs))
         if config.max_layer_error is not None and record.output_error > config.max_layer_error:
             record.reason = (f"output error {record.output_error:.3g} on held-out data is above --max-layer-error "
@@ -193,20 +195,36 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
     return record
 
 
-def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: bool) -> str:
-    """Refit ``chain`` to the data when ``data_aware``; say what was fitted."""
+def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: bool,
+                 judge: Callable[[nn.Module], float] | None = None) -> tuple[str, float | None]:
+    """Refit ``chain`` to the data when ``data_aware``; say what was fitted, and the model's output error
+    on held-out samples with it (``judge``; None without one).
+
+    A refit lowers the layer's own output error, but that is not the model's: on CREPE full (64 tones,
+    svd 2x) refitting every layer took pitch accuracy from 98.5% to 89% while each layer's held-out error
+    fell, because most of what it fitted were pre-activations a ReLU drops and logits a sigmoid flattens.
+    So a refit is kept only where the model's outputs on held-out samples come closer to the dense ones."""
     if not data_aware:
-        return "weights"
+        return "weights", judge(chain) if judge else None
     if isinstance(layer, nn.Embedding):
-        return "data: rows weighted by how often they are looked up"
+        return "data: rows weighted by how often they are looked up", judge(chain) if judge else None
+    fit = "data: whitened factors"
+    before = judge(chain) if judge else None
+    saved = copy.deepcopy(chain.state_dict())
     if can_refit(chain):
         shrinkage = refit_last_(chain, layer, inputs)
         if math.isinf(shrinkage):
-            return "data: whitened factors (the refit of the last step did worse on held-out samples)"
-        return f"data: whitened factors, last step refit (shrinkage {shrinkage:g})"
-    if refine_(chain, layer, inputs):
-        return "data: all factors refined (L-BFGS)"
-    return "data: whitened factors"
+            return f"{fit} (the refit of the last step did worse on held-out samples)", before
+        step = f"last step refit (shrinkage {shrinkage:g})"
+    elif refine_(chain, layer, inputs):
+        step = "all factors refined (L-BFGS)"
+    else:
+        return fit, before
+    after = judge(chain) if judge else None
+    if after is not None and after > before:
+        chain.load_state_dict(saved)
+        return f"{fit} ({step.split(' (')[0]} undone: the model's held-out output error rose {before:.3g} -> {after:.3g})", before
+    return f"{fit}, {step}", after
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:

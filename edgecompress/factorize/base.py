@@ -64,6 +64,8 @@ class LayerRecord:
     # the compressed model (its own inputs) against the dense model; None without data
     output_error: float | None = None
     output_error_in_model: float | None = None
+    # the model's outputs on held-out samples with this layer fitted (and those before it), against dense
+    model_output_error: float | None = None
     fit: str = "weights"  # "weights" (data-free), or what was fitted on data ("whitened + last step refit", ...)
     reason: str | None = None  # why it stayed dense
     notes: list[str] = dataclasses.field(default_factory=list)  # warnings: clamped ranks, padding, ...

@@ -63,6 +63,26 @@ def test_same_ranks_and_lower_output_error_than_weight_only(results, method):
     assert results[method, False][0] >= results[method, True][0]
 
 
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_each_fit_is_checked_on_the_models_outputs(setting, results, method):
+    """Every data-aware layer record carries the model's held-out output error with it in place; the last
+    one is the whole factorized model's, and a refit is kept only where that error did not rise."""
+    model, calib, _, _ = setting
+    _, report = results[method, False]
+    module, _ = factorize(model, FactorizeConfig(method=method, ratio=4, min_params=4096), calib=calib)
+    held = torch.from_numpy(calib.held[0]["input"])
+    with torch.no_grad():
+        dense, approx = model(held), module(held)
+    measured = float((approx - dense).norm() / dense.norm())
+    errors = [r.model_output_error for r in report.factorized]
+    assert all(e is not None for e in errors)
+    assert errors[-1] == pytest.approx(measured, rel=1e-3)
+    for record in report.factorized:
+        if "undone" in record.fit:
+            before, after = (float(v) for v in record.fit.rstrip(")").split("rose ")[1].split(" -> "))
+            assert after > before and record.model_output_error == pytest.approx(before, rel=1e-2)
+
+
 def test_weight_only_records_are_measured_but_not_fitted(results):
     _, report = results["svd", True]
     assert all(r.fit == "weights" and r.output_error is not None for r in report.factorized)
