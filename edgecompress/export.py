@@ -89,6 +89,7 @@ def export(
             report["latency"] = keep_faster_(target, dense, frep, samples[0], latency_config)
         report["method"] = factorize_config.method
         report["layers"] = [r.to_dict() for r in frep.layers]
+        report.update(plan_report(frep))
         f_macs, _ = count_macs(target, samples[0])
         totals = {**frep.totals(), "params": count_params(target), "macs": f_macs,
                   "params_dense": totals["params"], "macs_dense": totals["macs"]}
@@ -106,6 +107,11 @@ def export(
     if factorize_config is not None:
         report["error_vs_dense"] = error_vs_dense(target, dense, calib, samples)
     return report
+
+
+def plan_report(frep) -> dict[str, Any]:
+    """With targets: the plan, and the planned config as a ``--config`` file's table (``--save-plan``)."""
+    return {} if frep.plan is None else {"plan": frep.plan, "plan_config": frep.config.to_file()}
 
 
 def error_vs_dense(model: nn.Module, dense: nn.Module, calib, samples) -> dict[str, Any]:

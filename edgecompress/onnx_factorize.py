@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from edgecompress import calibration, exporters, io, runtime
 from edgecompress.errors import ConfigError
-from edgecompress.export import ExportConfig
+from edgecompress.export import ExportConfig, plan_report
 from edgecompress.factorize import FactorizeConfig
 from edgecompress.factorize.api import FactorizeReport, factorize_
 from edgecompress.factorize.base import FactorizedLayer
@@ -45,8 +45,13 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
     its inputs, captured with onnxruntime (``capture.OnnxCapture``), as for a PyTorch model.
     With a ``LatencyConfig``, chains that do not run faster than their node go back to the node
     (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so)."""
+    if config.targets and not config.methods:
+        from edgecompress.plan.allocate import DEFAULT_METHODS
+
+        config = dataclasses.replace(config, methods=tuple(m for m in DEFAULT_METHODS if m in METHODS))
     if config.method not in METHODS or any(s.get("method", config.method) not in (*METHODS, "dense")
-                                           for _, s in config.overrides):
+                                           for _, s in config.overrides) or any(m not in (*METHODS, "dense")
+                                                                                for m in config.methods):
         raise ConfigError(f"an ONNX model can be factorized with {', '.join(METHODS)}; TT chains bake the input "
                           "shape in, so for tt factorize the PyTorch model")
     if latency_config is not None:
@@ -62,6 +67,7 @@ def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int |
 
         calib = onnx_calibration(model, calib_path)
     capture = _capture(model, nodes, calib, opset, sequential) if calib is not None else None
+    root.file_params = exporters.param_count(model)  # a plan's whole-model parameter count
     report = factorize_(root, config, capture=capture)
     new = _build(model, root, nodes, report, opset)
     if latency_config is not None and report.factorized:
@@ -183,6 +189,7 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
         "error_vs_dense": error,
         **({"calibration": calib.describe()} if calib is not None else {}),
         **({"latency": latency} if latency else {}),
+        **plan_report(report),
     }
 
 

@@ -60,6 +60,9 @@ class RunConfig:
     calib_samples: int = 64
     eval_samples: int | None = None
     seed: int = 0
+    # one planned variant per target, ``auto-<kind><value>x``: each layer's method (among ``methods``) and
+    # ratio chosen for that whole-model target (``edgecompress.plan``)
+    targets: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.methods is not None and not self.methods:
@@ -75,6 +78,10 @@ class RunConfig:
         for name in ("bench_runs", "batch_size", "calib_samples", "rank_multiple"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        from edgecompress.plan.targets import check_target
+
+        for kind, value in self.targets:
+            check_target(kind, value)
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ConfigError(f"eval samples must be at least 1, got {self.eval_samples}")
         if self.min_params < 0:
@@ -96,6 +103,11 @@ class RunConfig:
         if self.methods is None:
             return [m for m in DEFAULT_METHODS if m in methods()]
         return list(self.methods)
+
+    def jobs(self) -> list[tuple[str, str, float | None, tuple]]:
+        """(variant name, method, ratio, targets) of every factorized variant: methods x ratios, then the plans."""
+        uniform = [(f"{m}-x{_fmt(r)}", m, r, ()) for m in self.method_list() for r in self.ratios]
+        return uniform + [(f"auto-{kind}{_fmt(value)}x", "auto", None, ((kind, value),)) for kind, value in self.targets]
 
 
 class Progress:
@@ -202,22 +214,22 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
     calib = _factorize_calibration(None, data, config, _onnx_input_name(proto))
     _note_calibration(report, calib, config)
     dense_params = exporters.param_count(proto)
-    jobs = [(m, r) for m in config.method_list() for r in config.ratios]
+    jobs = config.jobs()
     progress.start("factorize", len(jobs) + 1)
     progress.advance("factorize", "dense")
     report.variants.append(_write_variant(Variant(name="dense", method="dense", params=dense_params, compression=1.0),
                                           proto, out_dir))
-    for method, ratio in jobs:
-        variant = Variant(name=f"{method}-x{_fmt(ratio)}", method=method, ratio=ratio)
+    for name, method, ratio, targets in jobs:
+        variant = Variant(name=name, method=method, ratio=ratio)
         report.variants.append(variant)
         progress.advance("factorize", variant.name)
-        if method not in METHODS:
+        if method not in (*METHODS, "auto"):
             _fail(variant, "factorize", f"{method} cannot factorize an ONNX file (its chains bake the input shape in): "
                                         f"use one of {', '.join(METHODS)}, or run on the PyTorch model")
             continue
         t0 = time.perf_counter()
         try:
-            new, frep = factorize_onnx(proto, _fconfig(config, method, ratio), calib=calib,
+            new, frep = factorize_onnx(proto, _fconfig(config, method, ratio, targets), calib=calib,
                                        latency_config=config.latency_config() if config.keep_faster else None)
             new, _ = exporters.simplify(new)
             exporters.check_model(new)
@@ -246,6 +258,8 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
 def _record_layers(variant: Variant, frep) -> bool:
     """Put the per-layer records on ``variant``; fail it, with every reason given, when nothing was factorized."""
     variant.layers = [r.to_dict() for r in frep.layers]
+    if frep.plan is not None:
+        variant.plan = {k: v for k, v in frep.plan.items() if k != "layers"}
     if not frep.factorized:
         reasons = sorted({r.reason for r in frep.layers if r.reason}) or ["no layer of a type it handles"]
         _fail(variant, "factorize", f"method {variant.method!r} factorized no layer: {'; '.join(reasons)}")
@@ -291,9 +305,14 @@ def _loaded(model, weights, input_shape, input_dtype) -> LoadedModel:
     return load_model(model or DEFAULT_MODEL, weights, input_shape, input_dtype)
 
 
-def _fconfig(config: RunConfig, method: str, ratio: float):
+def _fconfig(config: RunConfig, method: str, ratio: float | None, targets: tuple = ()):
     from edgecompress.factorize import FactorizeConfig
 
+    if targets:  # a planned variant: the methods asked for, else the planner's own default
+        listed = tuple(config.methods or ())
+        return FactorizeConfig(method=listed[0] if listed else "svd", targets=targets, methods=listed,
+                               rank_multiple=config.rank_multiple, min_params=config.min_params,
+                               min_outputs=config.min_outputs, data_free=config.data_free)
     return FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple, min_params=config.min_params,
                            min_outputs=config.min_outputs, data_free=config.data_free)
 
@@ -306,15 +325,15 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
     dense_params, dense_macs = count_params(dense), count_macs(dense, samples[:1])[0]
     report.variants.append(Variant(name="dense", method="dense", params=dense_params, macs=dense_macs, compression=1.0))
     modules = {"dense": dense}
-    jobs = [(m, r) for m in config.method_list() for r in config.ratios]
+    jobs = config.jobs()
     progress.start("factorize", len(jobs))
-    for method, ratio in jobs:
-        variant = Variant(name=f"{method}-x{_fmt(ratio)}", method=method, ratio=ratio)
+    for name, method, ratio, targets in jobs:
+        variant = Variant(name=name, method=method, ratio=ratio)
         report.variants.append(variant)
         progress.advance("factorize", variant.name)
         t0 = time.perf_counter()
         try:
-            module, frep = factorize(dense, _fconfig(config, method, ratio), samples[:1], calib=calib)
+            module, frep = factorize(dense, _fconfig(config, method, ratio, targets), samples[:1], calib=calib)
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue

@@ -50,6 +50,7 @@ class Variant:
     finetune: dict[str, Any] | None = None
     quantize: dict[str, Any] | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    plan: dict[str, Any] | None = None  # a planned variant: targets, reached, methods (per-layer choices in layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,8 +149,9 @@ def variant_rows(report: Report) -> tuple[list[str], list[list[str]]]:
 def layer_rows(v: Variant) -> tuple[list[str], list[list[str]]]:
     """One row per candidate layer; a 'chain speedup' column when --keep-faster timed the chains."""
     timed = any("latency" in (layer.get("details") or {}) for layer in v.layers)
+    planned = v.plan is not None
     header = ["layer", "type", "method", "ranks", "params", "MACs", "rel. error", "time ms",
-              *(["chain speedup"] if timed else []), "note"]
+              *(["chain speedup"] if timed else []), *(["plan damage", "runner-up"] if planned else []), "note"]
     rows = []
     for layer in v.layers:
         ms = (v.layer_ms or {}).get(layer["name"])
@@ -158,8 +160,25 @@ def layer_rows(v: Variant) -> tuple[list[str], list[list[str]]]:
                      f"{_fmt(layer['params_before'], 'count')} -> {_fmt(layer['params_after'], 'count')}",
                      f"{_fmt(layer.get('macs_before'), 'count')} -> {_fmt(layer.get('macs_after'), 'count')}",
                      _fmt(layer.get("rel_error")), _fmt(ms), *([_fmt(speedup, "x")] if timed else []),
+                     *(_plan_cells((layer.get("details") or {}).get("plan")) if planned else []),
                      "; ".join(([layer["reason"]] if layer.get("reason") else []) + list(layer.get("notes") or []))])
     return header, rows
+
+
+def _plan_cells(choice: dict | None) -> list[str]:
+    if choice is None:
+        return ["-", "-"]
+    runner = choice.get("runner_up")
+    return [f"{choice['damage']:.3g}", "-" if runner is None else f"{runner['choice']} ({runner['damage']:.3g})"]
+
+
+def plan_line(v: Variant) -> str:
+    from edgecompress.plan.targets import describe
+
+    plan = v.plan
+    line = (f"Planned for {describe(plan['targets'].items())}: reached {describe(plan['reached'].items())}, "
+            f"methods {', '.join(plan['methods'])}; damage: {plan['damage']}.")
+    return line + (f" Note: {plan['note']}" if plan.get("note") else "")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -196,7 +215,7 @@ def to_markdown(report: Report) -> str:
     lines += _md_table(*variant_rows(report))
     for v in report.variants:
         if v.layers and not v.int8 and v.status == "ok":
-            lines += ["", f"## Layers of {v.name}", ""] + _md_table(*layer_rows(v))
+            lines += ["", f"## Layers of {v.name}", ""] + ([plan_line(v), ""] if v.plan else []) + _md_table(*layer_rows(v))
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +246,8 @@ def to_html(report: Report) -> str:
         parts.append(f"<img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">")
     for v in report.variants:
         if v.layers and not v.int8 and v.status == "ok":
-            parts += [f"<h2>Layers of {html.escape(v.name)}</h2>", _html_table(*layer_rows(v))]
+            parts += [f"<h2>Layers of {html.escape(v.name)}</h2>", *([f"<p>{html.escape(plan_line(v))}</p>"] if v.plan else []),
+                      _html_table(*layer_rows(v))]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from edgecompress.report import Report, Variant, p50, pareto_front, png, quality
 
 _COLORS = {"dense": "#222222", "svd": "#1f77b4", "svd-spatial": "#17becf", "tucker": "#2ca02c", "cp": "#d62728",
-           "tt": "#9467bd", "tt-naive": "#8c564b"}
+           "tt": "#9467bd", "tt-naive": "#8c564b", "auto": "#ff7f0e"}
 
 
 def _color(method: str) -> str:

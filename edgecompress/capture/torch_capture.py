@@ -107,6 +107,11 @@ class TorchCapture:
         held = [_catch(self.model, [name], _tensor(b))[name] for b in self.calib.held]
         return LayerInputs(dense, current, held_dense, held)
 
+    def dense_inputs(self, name: str) -> LayerInputs:
+        """The layer's inputs in the dense model only (what a plan scores its candidates on); kept cached."""
+        dense, held_dense = self._dense_inputs(name, keep=True)
+        return LayerInputs(dense, dense, held_dense, held_dense)
+
     def replace(self, name: str, module: nn.Module) -> None:
         """Nothing to do: the loop swaps the chain into ``model`` itself."""
 
@@ -123,11 +128,11 @@ class TorchCapture:
         finally:
             self.model.set_submodule(name, original)
 
-    def _dense_inputs(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _dense_inputs(self, name: str, keep: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._dense_cache is None:
             self._dense_cache = self._cache_all()
         if name in self._dense_cache:
-            return self._dense_cache.pop(name)
+            return self._dense_cache[name] if keep else self._dense_cache.pop(name)
         fit = [_catch(self.dense, [name], _tensor(b))[name] for b in self.calib.fit]
         return fit, [_catch(self.dense, [name], _tensor(b))[name] for b in self.calib.held]
 

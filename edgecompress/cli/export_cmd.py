@@ -57,6 +57,10 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
             calib = torch_calibration_from(loaded, fopts["calib_path"], fconfig)
             report = export(loaded, out, config, fconfig, stage=lambda s: status.update(s), latency_config=lconfig,
                             calib=calib)
+    if fopts["save_plan"]:
+        io.write_json(fopts["save_plan"], report["plan_config"])
+    if report.get("plan", {}).get("note"):
+        err_console.print(f"note: {report['plan']['note']}", highlight=False, soft_wrap=True)
     if report_path:
         io.write_json(report_path, report)
     _print_summary(report)
@@ -83,7 +87,14 @@ def _print_summary(report: dict) -> None:
     if "input_shape" in report:
         table.add_row("input", "x".join(map(str, report["input_shape"])))
     if "method" in report:
-        table.add_row("method", report["method"])
+        if "plan" in report:
+            from edgecompress.plan.targets import describe
+
+            plan = report["plan"]
+            table.add_row("plan", f"for {describe(plan['targets'].items())}, reached {describe(plan['reached'].items())} "
+                          f"({', '.join(plan['methods'])})")
+        else:
+            table.add_row("method", report["method"])
         table.add_row("factorized layers", f"{totals['factorized_layers']} (dense: {totals['dense_layers']})")
         table.add_row("params", f"{fmt_int(totals['params_dense'])} -> {fmt_int(totals['params'])}"
                       f" ({totals['params_dense'] / totals['params']:.2f}x)")

@@ -35,6 +35,15 @@ def factorize_options(func):
                   help="With data: added to the input covariances, as a fraction of the mean variance (default 0.01).")
     @click.option("--max-layer-error", type=float, default=None,
                   help="With data: keep a layer dense when its held-out output error is above this (e.g. 0.3).")
+    @click.option("--target", "targets", multiple=True, metavar="KIND=VALUE",
+                  help="Plan each layer's method and rank for a whole-model target: params=4x (parameters) or "
+                       "macs=4x (multiply-accumulates), at the least damage to the model's outputs on the "
+                       "calibration data. Repeatable (one per kind). Replaces --method/--ratio.")
+    @click.option("--methods", default=None, metavar="LIST",
+                  help="With --target: the methods the plan may use per layer, comma-separated "
+                       "(default svd,svd-spatial,tucker; cp and tt fit slowly on large layers).")
+    @click.option("--save-plan", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+                  help="With --target: write the plan as a --config file; `export --config FILE` reproduces it.")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -48,12 +57,33 @@ MIN_PARAMS, MIN_OUTPUTS = 4096, 16
 
 
 def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params, include, exclude, config_file,
-                          min_outputs=None, data_free=False, damping=None, max_layer_error=None, calib_path=None):
+                          min_outputs=None, data_free=False, damping=None, max_layer_error=None, calib_path=None,
+                          targets=(), methods=None, save_plan=None):
     """A FactorizeConfig from the options, or None when nothing asks for factorization (``calib_path`` is
-    only checked for that: the data itself is read by the command)."""
+    only checked for that: the data itself is read by the command; ``save_plan`` only for its folder)."""
     from edgecompress.factorize import FactorizeConfig, read_config_file
 
     fields = read_config_file(config_file) if config_file else {}
+    if save_plan and not targets:
+        raise ConfigError("--save-plan writes the plan that --target makes: add --target KIND=VALUE")
+    if methods is not None and not targets:
+        raise ConfigError("--methods lists the methods a --target plan may use: add --target KIND=VALUE (or use --method)")
+    if targets:
+        from edgecompress.io import ensure_writable
+        from edgecompress.plan import parse_target
+
+        given = [flag for flag, v in (("--rank", rank), ("--ratio", ratio), ("--energy", energy)) if v is not None]
+        if given:
+            raise ConfigError(f"{'/'.join(given)} sets every layer's rank; --target plans each layer's: give one of them")
+        if method is not None and methods is not None:
+            raise ConfigError("with --target, give --methods (the methods the plan may use) or --method (only that one), not both")
+        fields["targets"] = tuple(parse_target(t) for t in targets)
+        listed = [m.strip() for m in (methods or method or "").split(",") if m.strip()]
+        fields["methods"] = tuple(listed)
+        fields.setdefault("method", listed[0] if listed else "svd")
+        method = None
+        if save_plan:
+            ensure_writable(save_plan)
     if method is None and "method" not in fields:
         given = any(v is not None for v in (rank, ratio, energy, min_params, min_outputs, damping, max_layer_error))
         if given or include or exclude or data_free or calib_path:

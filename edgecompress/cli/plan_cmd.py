@@ -13,6 +13,7 @@ from edgecompress.cli.factorize_options import (factorize_config_from, factorize
                                                  latency_options, torch_calibration_from)
 from edgecompress.errors import ConfigError
 from edgecompress.io import to_json
+from edgecompress.plan.targets import describe
 
 
 @click.command("plan")
@@ -35,7 +36,7 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
 
     config = factorize_config_from(**fopts)
     if config is None:
-        raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...)")
+        raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...) or --target KIND=VALUE")
     latency = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
     if latency is not None:
         from edgecompress.runtime import resolve_provider
@@ -57,6 +58,12 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
             calib = torch_calibration_from(loaded, fopts["calib_path"], config)
             report = plan(loaded, config, progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
                           latency_config=latency, calib=calib, sequential=sequential)
+    if fopts["save_plan"]:
+        from edgecompress.io import write_json
+
+        write_json(fopts["save_plan"], report.config.to_file())
+    if report.plan and report.plan.get("note"):
+        err_console.print(f"note: {report.plan['note']}", highlight=False, soft_wrap=True)
     if as_json:
         click.echo(to_json({"model": model, **report.to_dict()}))
         return
@@ -69,13 +76,17 @@ def _table(model: str, report) -> Table:
     t = report.totals()
     caption = (f"{t['factorized_layers']} factorized, {t['dense_layers']} left dense; params {_change(t['params_before'], t['params_after'])}, "
                f"MACs {_change(t['macs_before'], t['macs_after'])}")
-    table = Table(title=f"{model}: {report.config.method}, {report.config.rank_spec().describe()} ({report.seconds:.1f} s)",
+    plan = report.plan
+    what = (f"plan for {describe(plan['targets'].items())}, reached {describe(plan['reached'].items())}" if plan
+            else f"{report.config.method}, {report.config.rank_spec().describe()}")
+    table = Table(title=f"{model}: {what} ({report.seconds:.1f} s)",
                   caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
     timed = any("latency" in r.details for r in report.layers)
     table.add_column("layer", no_wrap=True)
     measured = any(r.output_error is not None for r in report.layers)
     columns = ("type", "method", "ranks", "params", "after", "MACs", "after", "error")
     columns += (("output error", "in model") if measured else ()) + (("speedup",) if timed else ())
+    columns += ("damage", "runner-up") if plan else ()
     for col in columns:
         table.add_column(col, justify="left" if col in ("type", "method") else "right", no_wrap=True)
     table.add_column("reason / notes", overflow="fold", min_width=30)
@@ -86,8 +97,17 @@ def _table(model: str, report) -> Table:
         outputs = [_error(r.output_error), _error(r.output_error_in_model)] if measured else []
         table.add_row(r.name, r.type, r.method, ",".join(map(str, r.ranks)) or "-", fmt_int(r.params_before),
                       fmt_int(r.params_after), fmt_int(r.macs_before), fmt_int(r.macs_after), error, *outputs,
-                      *(("-" if speedup is None else f"{speedup:.2f}x",) if timed else ()), remark)
+                      *(("-" if speedup is None else f"{speedup:.2f}x",) if timed else ()),
+                      *(_planned(r.details.get("plan")) if plan else ()), remark)
     return table
+
+
+def _planned(choice: dict | None) -> tuple[str, str]:
+    """The plan's damage of a layer's choice and its runner-up (the label and damage)."""
+    if choice is None:
+        return "-", "-"
+    runner = choice.get("runner_up")
+    return f"{choice['damage']:.3g}", "-" if runner is None else f"{runner['choice']} ({runner['damage']:.3g})"
 
 
 def _error(value: float | None) -> str:

@@ -56,22 +56,32 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--data-free", is_flag=True,
               help="Fit the factors to the weights alone (the data then only measures). Default: fitted to the "
                    "data's train part (calibration), layer by layer.")
+@click.option("--target", "targets", multiple=True, metavar="KIND=VALUE",
+              help="Add a planned variant auto-<kind><value>x per target (params=4x, macs=4x): each layer's method "
+                   "(among --methods) and ratio chosen for that whole-model figure. Default: params=<largest --ratio>.")
+@click.option("--no-plan", is_flag=True, help="No planned variant (only the uniform method x ratio ones).")
 @click.option("--keep-faster", is_flag=True,
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
-            finetune_epochs, bench_runs, profile, min_params, data_free, keep_faster):
+            finetune_epochs, bench_runs, profile, min_params, data_free, keep_faster, targets, no_plan):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
     MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
     digits CNN (trained weights and its held-out set ship with edgecompress). MODEL can also be an ONNX
     file: its variants are factorized in the file (svd, svd-spatial, tucker, cp), without fine-tuning.
     """
+    from edgecompress.plan import parse_target
+
+    if targets and no_plan:
+        raise ConfigError("--target adds planned variants and --no-plan removes them: give one")
+    ratios = tuple(ratios) or (2.0, 4.0)
+    planned = () if no_plan else tuple(parse_target(t) for t in targets) or (("params", max(ratios)),)
     config = pipeline.RunConfig(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
-        ratios=tuple(ratios) or (2.0, 4.0), int8=int8, provider=provider, threads=_ints(threads, "--threads"),
+        ratios=ratios, int8=int8, provider=provider, threads=_ints(threads, "--threads"),
         finetune_epochs=finetune_epochs, bench_runs=bench_runs, profile=profile, min_params=min_params,
-        data_free=data_free, keep_faster=keep_faster)
+        data_free=data_free, keep_faster=keep_faster, targets=planned)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=err_console, transient=False) as bars:

@@ -36,6 +36,7 @@ class FactorizeReport:
     layers: list[LayerRecord]
     seconds: float
     calibration: dict[str, Any] | None = None  # where the data came from, when the factors were fitted to data
+    plan: dict[str, Any] | None = None  # with targets: what was aimed at, reached, and chosen per layer
 
     @property
     def factorized(self) -> list[LayerRecord]:
@@ -62,7 +63,8 @@ class FactorizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "seconds": round(self.seconds, 3), "calibration": self.calibration,
-                "layers": [r.to_dict() for r in self.layers], "totals": self.totals()}
+                "layers": [r.to_dict() for r in self.layers], "totals": self.totals(),
+                **({"plan": self.plan} if self.plan is not None else {})}
 
 
 def factorize(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
@@ -101,6 +103,9 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
         order = capture.order([name for name, _ in candidates])
         unreached = [c for c in candidates if c[0] not in order]
         candidates = sorted((c for c in candidates if c[0] in order), key=lambda c: order.index(c[0]))
+    plan = None
+    if config.targets:
+        config, plan = _plan(model, config, candidates, capture, inputs, progress)
     for index, (name, layer) in enumerate(candidates):
         if progress:
             progress(name, index, len(candidates))
@@ -116,7 +121,31 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
         for record in records:
             record.macs_after = macs_after.get(record.name)
     calibration = capture.calib.describe() if capture is not None else None
-    return FactorizeReport(config, records, time.perf_counter() - start, calibration)
+    if plan is not None:
+        for record in records:
+            if record.name in plan["layers"]:
+                record.details["plan"] = plan["layers"][record.name]
+                if record.method == "dense" and record.reason == "kept dense by the config":
+                    record.reason = "kept dense by the plan: the target is met at less damage elsewhere"
+    return FactorizeReport(config, records, time.perf_counter() - start, calibration, plan)
+
+
+def _plan(model, config, candidates, capture, inputs, progress):
+    """``config`` with each layer's method and ratio chosen for its targets (``edgecompress.plan``): layers
+    the plan cannot use stay dense, layers with a size or output floor keep their reason."""
+    from edgecompress.plan import allocate
+
+    def skip(name, layer, methods):
+        if config.for_layer(name)[0] == "dense":
+            return True
+        return all(_skip_reason(name, layer, m, config, _parent(model, name)) for m in methods if m != "dense")
+
+    planned, plan = allocate(model, config, candidates, capture, inputs, skip,
+                             (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None)
+    listed = {name for name in plan["layers"]}
+    unused = tuple((name, {"method": "dense"}) for name, layer in candidates
+                   if name not in listed and not skip(name, layer, plan["methods"]))
+    return dataclasses.replace(planned, overrides=planned.overrides + unused), plan
 
 
 def _inside_factorized(model: nn.Module, name: str) -> bool:

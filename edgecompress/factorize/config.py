@@ -40,6 +40,10 @@ class FactorizeConfig:
     data_free: bool = False
     damping: float = 0.01  # of the mean input variance, added to the covariances (few samples, dead channels)
     max_layer_error: float | None = None  # a layer whose held-out output error is above this stays dense
+    # whole-model targets, ((kind, factor), ...) e.g. (("params", 4.0),): each layer's method and ratio are
+    # then planned (``edgecompress.plan``) among ``methods`` (default svd, svd-spatial, tucker)
+    targets: tuple[tuple[str, float], ...] = ()
+    methods: tuple[str, ...] = ()
 
     def __post_init__(self):
         from edgecompress.factorize.registry import check_method
@@ -54,6 +58,14 @@ class FactorizeConfig:
             raise ConfigError(f"damping must be >= 0 (a fraction of the mean input variance), got {self.damping}")
         if self.max_layer_error is not None and not self.max_layer_error > 0:
             raise ConfigError(f"--max-layer-error must be positive (a relative output error), got {self.max_layer_error}")
+        from edgecompress.plan.targets import check_target
+
+        kinds = [check_target(kind, value)[0] for kind, value in self.targets]
+        if len(set(kinds)) != len(kinds):
+            raise ConfigError(f"one target per kind, got {', '.join(kinds)}")
+        for method in self.methods:
+            if method != "dense":
+                check_method(method)
         for pattern, settings in self.overrides:
             unknown = set(settings) - _LAYER_KEYS
             if unknown:
@@ -89,6 +101,13 @@ class FactorizeConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_file(self) -> dict[str, Any]:
+        """The config as a ``--config`` file's table (what ``read_config_file`` reads back to this config)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("overrides", "targets", "methods")
+                and v not in (None, (), [])}
+        data["layers"] = {pattern: dict(settings) for pattern, settings in self.overrides}
+        return data
+
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or TOML factorization config file into a dict of FactorizeConfig fields."""
@@ -105,7 +124,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     layers = data.pop("layers", {})
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise ConfigError(f"config file {str(path)!r}: 'layers' must map patterns to tables of settings")
-    allowed = _LAYER_KEYS | {"include", "exclude", "min_params", "min_outputs", "damping", "max_layer_error"}
+    allowed = _LAYER_KEYS | {"include", "exclude", "min_params", "min_outputs", "damping", "max_layer_error", "data_free"}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"config file {str(path)!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'layers'})}")

@@ -1,0 +1,220 @@
+"""Choosing one candidate per layer for whole-model targets, at the least total damage.
+
+Each layer gets candidates: dense, and every method of ``config.methods`` at a ladder of per-layer ratios
+(``LADDER``), each with its cost (parameters, MACs per sample) and its damage. With calibration data the
+damage is the squared relative error of the model's outputs on the held-out samples with that candidate
+alone in place (data-aware factors, before the refit that the final fit adds): it sees what the layers after
+make of an error, which a layer's own error does not (CREPE's classifier logits, a ReLU's dead side). Without
+data it is the squared relative error of the weight, a data-free estimate, and the plan says so.
+
+``choose`` is the greedy of a multiple-choice knapsack: from all dense, it takes the step that frees the
+most budget per unit of damage until every target holds, then spends what is left on the steps that remove
+the most damage per unit of cost. ``allocate`` turns the choice into per-layer overrides of the config,
+which ``factorize_`` then fits like any config, and which ``--save-plan`` writes as a ``--config`` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from edgecompress.errors import ConfigError
+from edgecompress.factorize.base import SkipLayer
+from edgecompress.factorize.ranks import RankSpec
+from edgecompress.factorize.registry import decomposer_for
+from edgecompress.plan.targets import describe
+from edgecompress.stats import count_macs, count_params
+
+log = logging.getLogger(__name__)
+
+LADDER = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # per-layer parameter compression tried
+# cp and tt are left to --methods: CP-ALS and the TT refine take minutes per rung on large layers
+DEFAULT_METHODS = ("svd", "svd-spatial", "tucker")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One way to run a layer: its method (or "dense") and per-layer ratio, what it costs, what it damages."""
+
+    method: str
+    ratio: float | None
+    ranks: list[int]
+    params: int
+    macs: int | None
+    damage: float  # squared relative error (see the module docstring); 0 for dense
+
+    def cost(self, kind: str) -> int:
+        return self.params if kind == "params" else self.macs
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.method} x{self.ratio:g} [{','.join(map(str, self.ranks))}]"
+
+    def to_dict(self) -> dict:
+        return {"choice": self.label, "method": self.method, "ratio": self.ratio, "ranks": self.ranks,
+                "params": self.params, "macs": self.macs, "damage": round(self.damage, 8)}
+
+
+def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
+                     sample: torch.Tensor | None = None) -> list[Candidate]:
+    """Dense, then each method at each rung of ``LADDER`` that saves parameters (chains with the same ranks
+    counted once), scored on ``capture``'s held-out samples when there is one."""
+    from edgecompress.capture.stats import layer_stats
+    from edgecompress.factorize.api import relative_error
+
+    inputs = capture.dense_inputs(name).with_targets(layer) if capture is not None else None
+    stats = layer_stats(layer, inputs, config.damping) if inputs is not None and not config.data_free else None
+    params = count_params(layer)
+    out = [Candidate("dense", None, [], params, _macs(layer, sample), 0.0)]
+    seen = set()
+    for method in methods:
+        decompose = decomposer_for(method, layer)
+        if decompose is None:
+            continue
+        for ratio in LADDER:
+            try:
+                chain = decompose(layer, RankSpec(ratio=ratio, multiple=config.rank_multiple), stats=stats).module
+            except SkipLayer:
+                continue
+            key = (type(chain).__name__, tuple(chain.ranks()))
+            chain_params = count_params(chain)
+            if chain_params >= params or key in seen:
+                continue
+            seen.add(key)
+            if capture is not None:
+                damage = capture.final_error(name, chain) ** 2
+            else:
+                damage = relative_error(layer.weight, chain.dense_weight()) ** 2
+            out.append(Candidate(method, ratio, list(chain.ranks()), chain_params, _macs(chain, sample), damage))
+    return out
+
+
+@torch.no_grad()
+def _macs(module: nn.Module, sample: torch.Tensor | None) -> int | None:
+    return None if sample is None else count_macs(module.eval(), [sample])[0]
+
+
+def choose(curves: dict[str, list[Candidate]], budgets: dict[str, float]) -> tuple[dict[str, int], bool]:
+    """The index of one candidate per layer (candidate 0 is dense) with every kind's summed cost within its
+    budget, at the least summed damage (greedy), and whether the budgets could be met at all."""
+    at = {name: 0 for name in curves}
+    scale = {kind: max(abs(b), 1.0) for kind, b in budgets.items()}
+
+    def totals() -> dict[str, float]:
+        return {kind: sum(curves[n][at[n]].cost(kind) for n in curves) for kind in budgets}
+
+    while True:
+        total = totals()
+        unmet = [kind for kind in budgets if total[kind] > budgets[kind]]
+        if not unmet:
+            break
+        best = None
+        for name, options in curves.items():
+            here = options[at[name]]
+            for j, option in enumerate(options):
+                freed = sum((here.cost(k) - option.cost(k)) / scale[k] for k in unmet)
+                if freed > 0:
+                    key = ((option.damage - here.damage) / freed, -freed)
+                    best = min(best, (key, name, j)) if best else (key, name, j)
+        if best is None:
+            return at, False
+        at[best[1]] = best[2]
+    while True:  # spend what is left of the budgets where it removes the most damage
+        total, best = totals(), None
+        for name, options in curves.items():
+            here = options[at[name]]
+            for j, option in enumerate(options):
+                gain = here.damage - option.damage
+                if gain <= 0 or any(total[k] - here.cost(k) + option.cost(k) > budgets[k] for k in budgets):
+                    continue
+                extra = sum(max(0, option.cost(k) - here.cost(k)) / scale[k] for k in budgets)
+                key = -gain / extra if extra > 0 else -float("inf")
+                best = min(best, (key, -gain, name, j)) if best else (key, -gain, name, j)
+        if best is None:
+            return at, True
+        at[best[2]] = best[3]
+
+
+def _runner_up(options: list[Candidate], chosen: int) -> Candidate | None:
+    """The least damaging other candidate at most 25% dearer in parameters, else the next cheaper one."""
+    limit = options[chosen].params * 1.25
+    near = [o for k, o in enumerate(options) if k != chosen and o.params <= limit]
+    return min(near, key=lambda o: (o.damage, o.params)) if near else None
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capture=None,
+             inputs: list[torch.Tensor] | None = None, skip: Callable | None = None,
+             progress: Callable | None = None) -> tuple[object, dict]:
+    """Plan ``layers`` (forward order) of ``model`` for ``config.targets``: the config with one override per
+    layer (its chosen method and ratio, or dense) and the plan as a dict for the report."""
+    start = time.perf_counter()
+    methods = tuple(config.methods) or DEFAULT_METHODS
+    samples = _samples(model, layers, capture, inputs)
+    kinds = [kind for kind, _ in config.targets]
+    if "macs" in kinds and any(samples.get(name) is None for name, _ in layers):
+        raise ConfigError("a macs target needs the layers' input shapes: give --calib data (or, for a PyTorch "
+                          "model, --input-shape)")
+    # an ONNX file's stand-in module holds only the weight layers: its whole-file count is put on it
+    totals = {"params": getattr(model, "file_params", None) or count_params(model),
+              "macs": sum(_macs(layer, samples.get(name)) or 0 for name, layer in layers)}
+    if inputs is not None:  # a PyTorch model: every op's MACs, not only those of the candidate layers
+        totals["macs"] = count_macs(model, inputs)[0] // max(1, len(inputs[0]))
+    curves, fixed = {}, dict(totals)
+    for index, (name, layer) in enumerate(layers):
+        if progress:
+            progress(name, index, len(layers))
+        if skip is not None and skip(name, layer, methods):
+            continue
+        options = layer_candidates(name, layer, config, methods, capture, samples.get(name))
+        if len(options) > 1:
+            curves[name] = options
+            for kind in fixed:
+                fixed[kind] -= options[0].cost(kind) or 0
+    budgets = {kind: totals[kind] / value - fixed[kind] for kind, value in config.targets}
+    at, met = choose(curves, budgets)
+    chosen = {name: curves[name][k] for name, k in at.items()}
+    reached = {kind: round(totals[kind] / max(1, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
+               for kind in kinds}
+    overrides = tuple((_glob_escape(name), {"method": "dense"} if c.method == "dense" else
+                       {"method": c.method, "ratio": c.ratio}) for name, c in chosen.items())
+    layers_out = {}
+    for name, c in chosen.items():
+        runner = _runner_up(curves[name], at[name])
+        layers_out[name] = {**c.to_dict(), "runner_up": runner.to_dict() if runner else None}
+    plan = {"targets": dict(config.targets), "reached": reached, "met": met, "methods": list(methods),
+            "damage": (f"squared relative error of the model's outputs on {capture.calib.held_count or capture.calib.fit_count} "
+                       "held-out samples, the layer alone factorized" if capture is not None else
+                       "squared relative error of the weight (no calibration data: a data-free estimate)"),
+            "candidates": sum(len(o) for o in curves.values()), "seconds": round(time.perf_counter() - start, 2),
+            "layers": layers_out}
+    if not met:
+        plan["note"] = (f"the target ({describe(config.targets)}) cannot be reached with these methods and layers; "
+                        f"the best reached is {describe(reached.items())}")
+    log.info("plan for %s: reached %s", describe(config.targets), describe(reached.items()))
+    return dataclasses.replace(config, targets=(), overrides=tuple(config.overrides) + overrides), plan
+
+
+def _samples(model, layers, capture, inputs) -> dict[str, torch.Tensor | None]:
+    """One sample of each layer's input (for its MACs): from the capture, else caught from ``inputs``."""
+    if capture is not None:
+        out = {}
+        for name, _ in layers:
+            dense = capture.dense_inputs(name)
+            batch = (dense.held_dense or dense.dense)[0]
+            out[name] = batch[:1]
+        return out
+    if inputs is None:
+        return {}
+    from edgecompress.capture.torch_capture import catch_inputs
+
+    caught = catch_inputs(model, [name for name, _ in layers], inputs[0][:1], stop=False)
+    return {name: caught.get(name) for name, _ in layers}
