@@ -67,7 +67,7 @@ def test_plan_keeps_layers_below_min_params_dense_and_lists_them(runner):
 def test_plan_needs_a_method(runner):
     result = runner.invoke(main, ["plan", "cifar_conv"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["Error: plan needs --method (svd, svd-spatial, tucker, cp, tt, ...)"]
+    assert result.output.strip().splitlines() == ["Error: plan needs --method (svd, svd-spatial, tucker, cp, tt, ...) or --target KIND=VALUE"]
 
 
 BAD = {
