@@ -8,7 +8,7 @@ from rich.table import Table
 from edgecompress import io
 from edgecompress.cli._options import console, err_console, fmt_bytes, fmt_int, model_options
 from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
-                                                 latency_options, torch_calibration_from)
+                                                 latency_options, timed, torch_calibration_from)
 from edgecompress.errors import ConfigError
 from edgecompress.export import ExportConfig, export
 from edgecompress.models import DEFAULT_MODEL
@@ -38,7 +38,8 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     model = model or DEFAULT_MODEL
     config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, tolerance=tolerance)
     fconfig = factorize_config_from(**fopts)
-    lconfig = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
+    lconfig = latency_config_from(keep_faster, min_speedup, precision, provider, threads, fconfig)
+    fconfig = timed(fconfig, precision, provider, threads)
     if report_path:
         io.ensure_writable(report_path)
     io.ensure_writable(out)

@@ -37,7 +37,8 @@ def factorize_options(func):
                   help="With data: keep a layer dense when its held-out output error is above this (e.g. 0.3).")
     @click.option("--target", "targets", multiple=True, metavar="KIND=VALUE",
                   help="Plan each layer's method and rank for a whole-model target: params=4x (parameters) or "
-                       "macs=4x (multiply-accumulates), at the least damage to the model's outputs on the "
+                       "macs=4x (multiply-accumulates) or latency=2x (speedup on --provider at --threads, --precision, measured), "
+                       "at the least damage to the model's outputs on the "
                        "calibration data. Repeatable (one per kind). Replaces --method/--ratio.")
     @click.option("--methods", default=None, metavar="LIST",
                   help="With --target: the methods the plan may use per layer, comma-separated "
@@ -114,10 +115,10 @@ def latency_options(func):
     @click.option("--min-speedup", type=float, default=None,
                   help="With --keep-faster: the speedup a chain must show to be kept (default 1.0).")
     @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-                  help="With --keep-faster: time the layers as fp32, or as the int8 model `quantize` will make "
+                  help="With --keep-faster or --target latency=...: time the layers as fp32, or as the int8 model `quantize` will make "
                        "(int8 kernels favour other shapes).")
-    @click.option("--provider", default="cpu", show_default=True, help="With --keep-faster: where layers are timed.")
-    @click.option("--threads", type=int, default=1, show_default=True, help="With --keep-faster: intra-op threads.")
+    @click.option("--provider", default="cpu", show_default=True, help="With --keep-faster or --target latency=...: where layers are timed.")
+    @click.option("--threads", type=int, default=1, show_default=True, help="With --keep-faster or --target latency=...: intra-op threads.")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -125,18 +126,36 @@ def latency_options(func):
     return wrapper
 
 
-def latency_config_from(keep_faster, min_speedup, precision, provider, threads):
-    """A LatencyConfig when --keep-faster (or --min-speedup) is given, else None."""
+def latency_config_from(keep_faster, min_speedup, precision, provider, threads, fconfig=None):
+    """A LatencyConfig when --keep-faster (or --min-speedup) is given, else None. A --target latency=...
+    in ``fconfig`` is measured with --provider/--threads/--precision too: they are put on it (see ``timed``)."""
     from edgecompress.latency import LatencyConfig
 
+    planned = fconfig is not None and "latency" in dict(fconfig.targets)
+    if planned:
+        from edgecompress.runtime import resolve_provider
+
+        resolve_provider(provider)  # an unavailable provider fails before any work
     if not keep_faster and min_speedup is None:
+        if planned:
+            return None
         unused = [flag for flag, changed in (("--precision", precision != "fp32"), ("--provider", provider != "cpu"),
                                              ("--threads", threads != 1)) if changed]
         if unused:
-            raise ConfigError(f"{'/'.join(unused)}: only used by --keep-faster (how it times the layers); add --keep-faster")
+            raise ConfigError(f"{'/'.join(unused)}: only used by --keep-faster or --target latency=... (how they time "
+                              "the layers); add one of them")
         return None
     return LatencyConfig(provider=provider, threads=threads, min_speedup=1.0 if min_speedup is None else min_speedup,
                          precision=precision)
+
+
+def timed(fconfig, precision, provider, threads):
+    """``fconfig`` with where a --target latency=... is measured (no change without one)."""
+    import dataclasses
+
+    if fconfig is None or "latency" not in dict(fconfig.targets):
+        return fconfig
+    return dataclasses.replace(fconfig, provider=provider, threads=threads, precision=precision)
 
 
 NO_DATA = ("note: no calibration data, so the factors are fitted to the weights alone; on trained models that costs "

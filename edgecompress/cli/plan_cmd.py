@@ -10,7 +10,7 @@ from rich.table import Table
 
 from edgecompress.cli._options import console, err_console, fmt_int, model_options
 from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
-                                                 latency_options, torch_calibration_from)
+                                                 latency_options, timed, torch_calibration_from)
 from edgecompress.errors import ConfigError
 from edgecompress.io import to_json
 from edgecompress.plan.targets import describe
@@ -37,7 +37,8 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
     config = factorize_config_from(**fopts)
     if config is None:
         raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...) or --target KIND=VALUE")
-    latency = latency_config_from(keep_faster, min_speedup, precision, provider, threads)
+    latency = latency_config_from(keep_faster, min_speedup, precision, provider, threads, config)
+    config = timed(config, precision, provider, threads)
     if latency is not None:
         from edgecompress.runtime import resolve_provider
 
@@ -81,11 +82,11 @@ def _table(model: str, report) -> Table:
             else f"{report.config.method}, {report.config.rank_spec().describe()}")
     table = Table(title=f"{model}: {what} ({report.seconds:.1f} s)",
                   caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
-    timed = any("latency" in r.details for r in report.layers)
+    chain_timed = any("latency" in r.details for r in report.layers)
     table.add_column("layer", no_wrap=True)
     measured = any(r.output_error is not None for r in report.layers)
     columns = ("type", "method", "ranks", "params", "after", "MACs", "after", "error")
-    columns += (("output error", "in model") if measured else ()) + (("speedup",) if timed else ())
+    columns += (("output error", "in model") if measured else ()) + (("speedup",) if chain_timed else ())
     columns += ("damage", "runner-up") if plan else ()
     for col in columns:
         table.add_column(col, justify="left" if col in ("type", "method") else "right", no_wrap=True)
@@ -97,7 +98,7 @@ def _table(model: str, report) -> Table:
         outputs = [_error(r.output_error), _error(r.output_error_in_model)] if measured else []
         table.add_row(r.name, r.type, r.method, ",".join(map(str, r.ranks)) or "-", fmt_int(r.params_before),
                       fmt_int(r.params_after), fmt_int(r.macs_before), fmt_int(r.macs_after), error, *outputs,
-                      *(("-" if speedup is None else f"{speedup:.2f}x",) if timed else ()),
+                      *(("-" if speedup is None else f"{speedup:.2f}x",) if chain_timed else ()),
                       *(_planned(r.details.get("plan")) if plan else ()), remark)
     return table
 

@@ -44,6 +44,10 @@ class FactorizeConfig:
     # then planned (``edgecompress.plan``) among ``methods`` (default svd, svd-spatial, tucker)
     targets: tuple[tuple[str, float], ...] = ()
     methods: tuple[str, ...] = ()
+    # where a latency target is measured: onnxruntime provider, intra-op threads, fp32 or int8 kernels
+    provider: str = "cpu"
+    threads: int = 1
+    precision: str = "fp32"
 
     def __post_init__(self):
         from edgecompress.factorize.registry import check_method
@@ -63,6 +67,10 @@ class FactorizeConfig:
         kinds = [check_target(kind, value)[0] for kind, value in self.targets]
         if len(set(kinds)) != len(kinds):
             raise ConfigError(f"one target per kind, got {', '.join(kinds)}")
+        if self.precision not in ("fp32", "int8"):
+            raise ConfigError(f"precision must be fp32 or int8, got {self.precision!r}")
+        if int(self.threads) != self.threads or self.threads < 1:
+            raise ConfigError(f"threads must be a whole number >= 1, got {self.threads}")
         for method in self.methods:
             if method != "dense":
                 check_method(method)
@@ -103,8 +111,8 @@ class FactorizeConfig:
 
     def to_file(self) -> dict[str, Any]:
         """The config as a ``--config`` file's table (what ``read_config_file`` reads back to this config)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in ("overrides", "targets", "methods")
-                and v not in (None, (), [])}
+        data = {k: v for k, v in self.to_dict().items() if k not in ("overrides", "targets", "methods", "provider",
+                                                                      "threads", "precision") and v not in (None, (), [])}
         data["layers"] = {pattern: dict(settings) for pattern, settings in self.overrides}
         return data
 

@@ -47,9 +47,10 @@ class Candidate:
     params: int
     macs: int | None
     damage: float  # squared relative error (see the module docstring); 0 for dense
+    ms: float | None = None  # measured alone on the provider (latency targets only)
 
-    def cost(self, kind: str) -> int:
-        return self.params if kind == "params" else self.macs
+    def cost(self, kind: str) -> float:
+        return {"params": self.params, "macs": self.macs, "latency": self.ms}[kind]
 
     @property
     def label(self) -> str:
@@ -57,13 +58,15 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {"choice": self.label, "method": self.method, "ratio": self.ratio, "ranks": self.ranks,
-                "params": self.params, "macs": self.macs, "damage": round(self.damage, 8)}
+                "params": self.params, "macs": self.macs, "damage": round(self.damage, 8),
+                **({"ms": round(self.ms, 5)} if self.ms is not None else {})}
 
 
 def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
-                     sample: torch.Tensor | None = None) -> list[Candidate]:
+                     sample: torch.Tensor | None = None, timing=None) -> list[Candidate]:
     """Dense, then each method at each rung of ``LADDER`` that saves parameters (chains with the same ranks
-    counted once), scored on ``capture``'s held-out samples when there is one."""
+    counted once), scored on ``capture``'s held-out samples when there is one; with a ``timing`` config
+    (a ``LatencyConfig``) every candidate is also timed on its provider (``plan.timing``)."""
     from edgecompress.capture.stats import layer_stats
     from edgecompress.factorize.api import relative_error
 
@@ -71,7 +74,7 @@ def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
     stats = layer_stats(layer, inputs, config.damping) if inputs is not None and not config.data_free else None
     params = count_params(layer)
     out = [Candidate("dense", None, [], params, _macs(layer, sample), 0.0)]
-    seen = set()
+    chains, seen = [layer], set()
     for method in methods:
         decompose = decomposer_for(method, layer)
         if decompose is None:
@@ -91,6 +94,13 @@ def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
             else:
                 damage = relative_error(layer.weight, chain.dense_weight()) ** 2
             out.append(Candidate(method, ratio, list(chain.ranks()), chain_params, _macs(chain, sample), damage))
+            if timing is not None:
+                chains.append(chain)
+    if timing is not None and len(out) > 1:
+        from edgecompress.plan.timing import time_layers
+
+        for candidate, ms in zip(out, time_layers(chains, sample, timing)):
+            candidate.ms = ms
     return out
 
 
@@ -160,30 +170,44 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     methods = tuple(config.methods) or DEFAULT_METHODS
     samples = _samples(model, layers, capture, inputs)
     kinds = [kind for kind, _ in config.targets]
-    if "macs" in kinds and any(samples.get(name) is None for name, _ in layers):
-        raise ConfigError("a macs target needs the layers' input shapes: give --calib data (or, for a PyTorch "
-                          "model, --input-shape)")
+    if {"macs", "latency"} & set(kinds) and any(samples.get(name) is None for name, _ in layers):
+        raise ConfigError(f"a {' and '.join(k for k in kinds if k != 'params')} target needs the layers' input "
+                          "shapes: give --calib data (or, for a PyTorch model, --input-shape)")
+    timing = _timing(config) if "latency" in kinds else None
+    if timing is not None and inputs is None:
+        raise ConfigError("a latency target is measured on the whole model: it needs a PyTorch model for now "
+                          "(for an ONNX file, plan for macs=... and add --keep-faster)")
     # an ONNX file's stand-in module holds only the weight layers: its whole-file count is put on it
     totals = {"params": getattr(model, "file_params", None) or count_params(model),
               "macs": sum(_macs(layer, samples.get(name)) or 0 for name, layer in layers)}
     if inputs is not None:  # a PyTorch model: every op's MACs, not only those of the candidate layers
         totals["macs"] = count_macs(model, inputs)[0] // max(1, len(inputs[0]))
+    if timing is not None:
+        from edgecompress.plan.timing import time_models
+
+        totals["latency"] = time_models([model], inputs, timing)[0]
     curves, fixed = {}, dict(totals)
     for index, (name, layer) in enumerate(layers):
         if progress:
             progress(name, index, len(layers))
         if skip is not None and skip(name, layer, methods):
             continue
-        options = layer_candidates(name, layer, config, methods, capture, samples.get(name))
+        options = layer_candidates(name, layer, config, methods, capture, samples.get(name), timing)
         if len(options) > 1:
             curves[name] = options
             for kind in fixed:
                 fixed[kind] -= options[0].cost(kind) or 0
+    if timing is not None:  # what the layers do not explain (other ops, overheads) stays; never below zero
+        fixed["latency"] = max(0.0, fixed["latency"])
     budgets = {kind: totals[kind] / value - fixed[kind] for kind, value in config.targets}
     at, met = choose(curves, budgets)
     chosen = {name: curves[name][k] for name, k in at.items()}
-    reached = {kind: round(totals[kind] / max(1, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
+    reached = {kind: round(totals[kind] / max(1e-9, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
                for kind in kinds}
+    checks = []
+    if timing is not None:
+        at, chosen, met, reached["latency"], checks = _check_latency(model, config, layers, curves, budgets, at,
+                                                                     inputs, timing)
     overrides = tuple((_glob_escape(name), {"method": "dense"} if c.method == "dense" else
                        {"method": c.method, "ratio": c.ratio}) for name, c in chosen.items())
     layers_out = {}
@@ -195,12 +219,58 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
                        "held-out samples, the layer alone factorized" if capture is not None else
                        "squared relative error of the weight (no calibration data: a data-free estimate)"),
             "candidates": sum(len(o) for o in curves.values()), "seconds": round(time.perf_counter() - start, 2),
-            "layers": layers_out}
+            "layers": layers_out,
+            **({"timing": {"provider": timing.provider, "threads": timing.threads, "precision": timing.precision,
+                           "dense_ms": round(totals["latency"], 4), "checks": checks}} if timing is not None else {})}
     if not met:
         plan["note"] = (f"the target ({describe(config.targets)}) cannot be reached with these methods and layers; "
                         f"the best reached is {describe(reached.items())}")
     log.info("plan for %s: reached %s", describe(config.targets), describe(reached.items()))
     return dataclasses.replace(config, targets=(), overrides=tuple(config.overrides) + overrides), plan
+
+
+def _timing(config):
+    from edgecompress.latency import LatencyConfig
+    from edgecompress.runtime import resolve_provider
+
+    resolve_provider(config.provider)  # an unavailable provider fails before any work
+    return LatencyConfig(provider=config.provider, threads=config.threads, precision=config.precision)
+
+
+CHECKS = 3  # end-to-end latency measurements, each tightening the budget by the shortfall
+
+
+def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
+    """Measure the planned model against dense (whole models, interleaved); while it falls short of the
+    target, tighten the latency budget by the shortfall and choose again. Layer times measured alone do not
+    add up to the model's: overheads, caches and layout changes between layers differ in context."""
+    import copy
+
+    from edgecompress.plan.timing import time_models
+
+    target = dict(config.targets)["latency"]
+    layer_of = dict(layers)
+    checks, best = [], None
+    for _ in range(CHECKS):
+        trial = copy.deepcopy(model)
+        for name, k in at.items():
+            c = curves[name][k]
+            if c.method != "dense":
+                spec = RankSpec(ratio=c.ratio, multiple=config.rank_multiple)
+                trial.set_submodule(name, decomposer_for(c.method, layer_of[name])(layer_of[name], spec).module)
+        dense_ms, trial_ms = time_models([model, trial], inputs, timing)
+        speedup = dense_ms / trial_ms
+        checks.append({"dense_ms": round(dense_ms, 4), "planned_ms": round(trial_ms, 4), "speedup": round(speedup, 4)})
+        if best is None or speedup > best[1]:
+            best = (dict(at), speedup)
+        if speedup >= target:
+            break
+        budgets = {**budgets, "latency": budgets["latency"] * speedup / target}
+        at, feasible = choose(curves, budgets)
+        if not feasible:
+            break
+    at, speedup = best
+    return at, {n: curves[n][k] for n, k in at.items()}, speedup >= target, round(speedup, 4), checks
 
 
 def _samples(model, layers, capture, inputs) -> dict[str, torch.Tensor | None]:

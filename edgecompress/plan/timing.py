@@ -1,0 +1,113 @@
+"""Measured latency for a plan: each candidate layer timed alone on the provider, with a timing cache.
+
+``time_layers`` exports every candidate of a layer (and the dense layer) as its own small ONNX model at batch 1,
+quantizes it as ``quantize`` would when the precision is int8, and times all of them in interleaved rounds
+(medians), so that drift of the machine hits every candidate alike. Timings are cached in a JSON file keyed by
+the graph's structure (ops, attributes and weight shapes, not values), the input shape, the provider, threads,
+precision and the onnxruntime version: a later plan of the same shapes times nothing again.
+
+``time_models`` times whole models the same way, for the dense model's figure and the end-to-end check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from edgecompress import exporters, runtime
+
+ROUNDS, WARMUP = 15, 3
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get("EDGECOMPRESS_CACHE", Path.home() / ".cache" / "edgecompress"))
+    return root / "timing.json"
+
+
+def _load_cache() -> dict[str, float]:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(cache: dict[str, float]) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, sort_keys=True))
+        tmp.replace(path)
+    except OSError:  # a cache that cannot be written only costs time
+        pass
+
+
+def _key(proto: onnx.ModelProto, shape: tuple[int, ...], config) -> str:
+    digest = hashlib.sha1()
+    for node in proto.graph.node:
+        digest.update(node.op_type.encode())
+        for attr in node.attribute:
+            digest.update(attr.SerializeToString())
+    for init in proto.graph.initializer:
+        digest.update(str(tuple(init.dims)).encode())
+    version = runtime.ort_module().__version__
+    return f"{config.provider}/{config.threads}/{config.precision}/{version}/{shape}/{digest.hexdigest()}"
+
+
+def _onnx(module: nn.Module, sample: torch.Tensor, config) -> onnx.ModelProto:
+    proto, _ = exporters.simplify(exporters.export_onnx(module.eval(), [sample]))
+    if config.precision == "int8":
+        from edgecompress.latency import int8_model
+
+        proto = int8_model(proto, config.provider)
+    return proto
+
+
+def _interleaved(protos: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray]], config) -> list[float]:
+    """Median ms of each model over ``ROUNDS`` rounds that run every model once, in turn."""
+    sessions = [runtime.make_session(p, config.provider, config.threads) for p in protos]
+    times: list[list[float]] = [[] for _ in sessions]
+    for round_ in range(WARMUP + ROUNDS):
+        for k, (session, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            session.run(None, feed)
+            if round_ >= WARMUP:
+                times[k].append((time.perf_counter() - start) * 1000)
+    return [float(np.median(t)) for t in times]
+
+
+def time_layers(modules: list[nn.Module], sample: torch.Tensor, config) -> list[float]:
+    """Milliseconds of each of ``modules`` (one layer's dense layer and chains) on one input ``sample``."""
+    cache = _load_cache()
+    protos = [_onnx(m, sample, config) for m in modules]
+    keys = [_key(p, tuple(sample.shape), config) for p in protos]
+    todo = [k for k, key in enumerate(keys) if key not in cache]
+    if todo:
+        feed = [{p.graph.input[0].name: sample.numpy()} for p in protos]
+        for k, ms in zip(todo, _interleaved([protos[k] for k in todo], [feed[k] for k in todo], config)):
+            cache[keys[k]] = ms
+        _save_cache(cache)
+    return [cache[key] for key in keys]
+
+
+def time_models(modules: list[nn.Module], inputs: list[torch.Tensor], config) -> list[float]:
+    """Milliseconds of whole models at batch 1, interleaved (not cached: weights change the graph)."""
+    sample = [x[:1] for x in inputs]
+    protos = []
+    for module in modules:
+        proto, _ = exporters.simplify(exporters.export_onnx(module.eval(), sample))
+        if config.precision == "int8":
+            from edgecompress.latency import int8_model
+
+            proto = int8_model(proto, config.provider)
+        protos.append(proto)
+    feeds = [{i.name: x.numpy() for i, x in zip(p.graph.input, sample)} for p in protos]
+    return _interleaved(protos, feeds, config)
