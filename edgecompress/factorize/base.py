@@ -10,6 +10,7 @@ reconstruction error can be measured and tested.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -41,6 +42,13 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# set while a plan scores one layer's candidates (``plan.allocate``), to a dict the decomposers may keep
+# rank-independent work in (an SVD's spectrum, shared by every rank of the ladder); they may also take a
+# cheaper approximation of the same ranks (Tucker-2: truncated HOSVD, without HOOI sweeps). The chosen
+# candidate is fitted in full afterwards.
+SCREENING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("screening", default=None)
 
 
 class SkipLayer(Exception):

@@ -16,11 +16,13 @@ matters when the chain is quantized to int8 later.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 
 from edgecompress.capture.stats import LayerStats
-from edgecompress.factorize.base import SkipLayer, one_thread
+from edgecompress.factorize.base import SCREENING, SkipLayer, one_thread
 from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import ChannelSVDConv, LowRankLinear, SpatialSVDConv
@@ -43,6 +45,17 @@ def gram_spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None = None) -
     eigenvectors and the values are output energies: ``W ~ U_r U_r^T W`` is then the best rank-r
     approximation in the data norm ``||(W - W_r) L||`` with ``L L^T = C`` (no inverse of ``C`` needed)."""
     g, m, n = mats.shape
+    memo = SCREENING.get()
+    if memo is not None:  # a plan's ladder: every rank of this layer shares the spectrum
+        key = ("spectrum", hashlib.sha1(mats.detach().double().numpy().tobytes()).hexdigest(),
+               None if output_gram is None else hashlib.sha1(output_gram.double().numpy().tobytes()).hexdigest())
+        if key not in memo:
+            token = SCREENING.set(None)
+            try:
+                memo[key] = gram_spectrum(mats, output_gram)
+            finally:
+                SCREENING.reset(token)
+        return memo[key]
     left = m <= n or output_gram is not None
     x = mats.to(_work_dtype(mats))
     gram = output_gram if output_gram is not None else x @ x.transpose(1, 2) if left else x.transpose(1, 2) @ x

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from edgecompress.errors import ConfigError
-from edgecompress.factorize.base import SkipLayer
+from edgecompress.factorize.base import SCREENING, SkipLayer
 from edgecompress.factorize.ranks import RankSpec
 from edgecompress.factorize.registry import decomposer_for
 from edgecompress.plan.targets import describe
@@ -74,16 +74,19 @@ def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
     stats = layer_stats(layer, inputs, config.damping) if inputs is not None and not config.data_free else None
     params = count_params(layer)
     out = [Candidate("dense", None, [], params, _macs(layer, sample), 0.0)]
-    chains, seen = [layer], set()
+    chains, seen, memo = [layer], set(), {}
     for method in methods:
         decompose = decomposer_for(method, layer)
         if decompose is None:
             continue
         for ratio in LADDER:
+            token = SCREENING.set(memo)
             try:
                 chain = decompose(layer, RankSpec(ratio=ratio, multiple=config.rank_multiple), stats=stats).module
             except SkipLayer:
                 continue
+            finally:
+                SCREENING.reset(token)
             key = (type(chain).__name__, tuple(chain.ranks()))
             chain_params = count_params(chain)
             if chain_params >= params or key in seen:
