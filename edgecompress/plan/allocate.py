@@ -203,6 +203,8 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     if timing is not None:  # what the layers do not explain (other ops, overheads) stays; never below zero
         fixed["latency"] = max(0.0, fixed["latency"])
     budgets = {kind: totals[kind] / value - fixed[kind] for kind, value in config.targets}
+    if budgets.get("latency", 1) <= 0:  # the layers alone timed slower than the whole model: start from their sum
+        budgets["latency"] = sum(o[0].ms for o in curves.values()) / dict(config.targets)["latency"]
     at, met = choose(curves, budgets)
     chosen = {name: curves[name][k] for name, k in at.items()}
     reached = {kind: round(totals[kind] / max(1e-9, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
@@ -240,20 +242,23 @@ def _timing(config):
     return LatencyConfig(provider=config.provider, threads=config.threads, precision=config.precision)
 
 
-CHECKS = 3  # end-to-end latency measurements, each tightening the budget by the shortfall
+CHECKS = 4  # end-to-end latency measurements, each rescaling the budget by the miss
+CLOSE = 1.08  # a measured speedup this close above the target is taken as it is
 
 
 def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
-    """Measure the planned model against dense (whole models, interleaved); while it falls short of the
-    target, tighten the latency budget by the shortfall and choose again. Layer times measured alone do not
-    add up to the model's: overheads, caches and layout changes between layers differ in context."""
+    """Measure the planned model against dense (whole models, interleaved) and rescale the latency budget by
+    the miss, up or down, choosing again, until the speedup lands within ``CLOSE`` above the target. Layer
+    times measured alone do not add up to the model's (overheads, caches, layout changes between layers,
+    a busy machine while a layer was timed). Keeps the least damaging choice that met the target, else the
+    fastest."""
     import copy
 
     from edgecompress.plan.timing import time_models
 
     target = dict(config.targets)["latency"]
     layer_of = dict(layers)
-    checks, best = [], None
+    checks, tried = [], []
     for _ in range(CHECKS):
         trial = copy.deepcopy(model)
         for name, k in at.items():
@@ -263,16 +268,18 @@ def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
                 trial.set_submodule(name, decomposer_for(c.method, layer_of[name])(layer_of[name], spec).module)
         dense_ms, trial_ms = time_models([model, trial], inputs, timing)
         speedup = dense_ms / trial_ms
-        checks.append({"dense_ms": round(dense_ms, 4), "planned_ms": round(trial_ms, 4), "speedup": round(speedup, 4)})
-        if best is None or speedup > best[1]:
-            best = (dict(at), speedup)
-        if speedup >= target:
+        damage = sum(curves[n][k].damage for n, k in at.items())
+        checks.append({"dense_ms": round(dense_ms, 4), "planned_ms": round(trial_ms, 4), "speedup": round(speedup, 4),
+                       "damage": round(damage, 6)})
+        tried.append((dict(at), speedup, damage))
+        if target <= speedup <= target * CLOSE:
             break
         budgets = {**budgets, "latency": budgets["latency"] * speedup / target}
-        at, feasible = choose(curves, budgets)
-        if not feasible:
+        at, _ = choose(curves, budgets)
+        if any(at == seen for seen, _, _ in tried):
             break
-    at, speedup = best
+    met = [t for t in tried if t[1] >= target]
+    at, speedup, _ = min(met, key=lambda t: t[2]) if met else max(tried, key=lambda t: t[1])
     return at, {n: curves[n][k] for n, k in at.items()}, speedup >= target, round(speedup, 4), checks
 
 
