@@ -63,6 +63,7 @@ class RunConfig:
     # one planned variant per target, ``auto-<kind><value>x``: each layer's method (among ``methods``) and
     # ratio chosen for that whole-model target (``edgecompress.plan``)
     targets: tuple[tuple[str, float], ...] = ()
+    max_drop: float = 0.01  # the report recommends the fastest variant within this drop of dense quality
 
     def __post_init__(self):
         if self.methods is not None and not self.methods:
@@ -80,6 +81,8 @@ class RunConfig:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         from edgecompress.plan.targets import check_target
 
+        if not 0 <= self.max_drop < 1:
+            raise ConfigError(f"--max-drop must be a fraction in [0, 1) (0.01: one point), got {self.max_drop}")
         for kind, value in self.targets:
             check_target(kind, value)
         if self.eval_samples is not None and self.eval_samples < 1:

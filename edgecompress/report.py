@@ -77,6 +77,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "input_shape": self.input_shape, "config": self.config, "data": self.data,
                 "variants": [v.to_dict() for v in self.variants], "pareto": pareto_front(self),
+                "recommended": recommended(self),
                 "steps": self.steps, "notes": self.notes, "seconds": self.seconds}
 
 
@@ -97,6 +98,22 @@ def quality(v: Variant) -> float | None:
 
 def p50(v: Variant, threads: str) -> float | None:
     return v.latency_ms.get(threads, {}).get("p50")
+
+
+def recommended(report: Report) -> dict[str, Any] | None:
+    """The fastest variant (p50 at the first thread count) whose quality is within ``max_drop`` (a fraction,
+    from the run config; default 0.01, one point) of the dense model's; None without the figures."""
+    dense = next((v for v in report.variants if v.name == "dense" and v.status == "ok"), None)
+    if dense is None or quality(dense) is None:
+        return None
+    drop = report.config.get("max_drop", 0.01)
+    fit = [v for v in report.variants if v.status == "ok" and quality(v) is not None and p50(v, report.threads)
+           and quality(v) >= quality(dense) - drop]
+    if not fit:
+        return None
+    best = min(fit, key=lambda v: p50(v, report.threads))
+    return {"variant": best.name, "max_drop": drop, "quality": quality(best), "speedup": best.speedup,
+            "compression": best.compression}
 
 
 def pareto_front(report: Report) -> list[str]:
@@ -200,6 +217,12 @@ def _summary(report: Report) -> list[str]:
     if front:
         lines.append(f"Pareto front (latency at {report.threads} thread(s) vs {'accuracy' if data.get('labels') else 'agreement'}): "
                      + ", ".join(front) + ".")
+    pick = recommended(report)
+    if pick:
+        what = "accuracy" if data.get("labels") else "agreement"
+        lines.append(f"Recommended: {pick['variant']}, the fastest variant within {100 * pick['max_drop']:g} point(s) "
+                     f"of dense {what} ({100 * pick['quality']:.2f}%, {pick['speedup'] or 1:.2f}x faster, "
+                     f"{pick['compression'] or 1:.2f}x fewer parameters).")
     bench = report.steps.get("bench", {})
     if bench.get("status") == "failed":
         lines.append(f"Benchmark step failed: {bench.get('error')}.")

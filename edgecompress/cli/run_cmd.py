@@ -59,12 +59,14 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--target", "targets", multiple=True, metavar="KIND=VALUE",
               help="Add a planned variant auto-<kind><value>x per target (params=4x, macs=4x): each layer's method "
                    "(among --methods) and ratio chosen for that whole-model figure. Default: params=<largest --ratio>.")
+@click.option("--max-drop", type=float, default=0.01, show_default=True,
+              help="The report recommends the fastest variant within this drop of dense accuracy (0.01: one point).")
 @click.option("--no-plan", is_flag=True, help="No planned variant (only the uniform method x ratio ones).")
 @click.option("--keep-faster", is_flag=True,
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
-            finetune_epochs, bench_runs, profile, min_params, data_free, keep_faster, targets, no_plan):
+            finetune_epochs, bench_runs, profile, min_params, data_free, keep_faster, targets, no_plan, max_drop):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
     MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
@@ -81,7 +83,7 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
         ratios=ratios, int8=int8, provider=provider, threads=_ints(threads, "--threads"),
         finetune_epochs=finetune_epochs, bench_runs=bench_runs, profile=profile, min_params=min_params,
-        data_free=data_free, keep_faster=keep_faster, targets=planned)
+        data_free=data_free, keep_faster=keep_faster, targets=planned, max_drop=max_drop)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=err_console, transient=False) as bars:
@@ -110,4 +112,9 @@ def _print(report, out_dir: str) -> None:
     for variant in report.variants:
         if variant.status != "ok":
             console.print(f"[red]{variant.name} failed[/red]: {variant.error}", markup=True)
+    from edgecompress.report import recommended
+
+    pick = recommended(report)
+    if pick:
+        console.print(f"recommended: {pick['variant']} (the fastest within {100 * pick['max_drop']:g} point(s) of dense)")
     console.print(f"report: {out_dir}/report.html, report.md, report.json ({report.seconds:.1f} s)")

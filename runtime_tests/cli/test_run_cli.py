@@ -18,6 +18,8 @@ def test_default_model_run_writes_reports_and_reports_failures(cli, tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert [v["name"] for v in data["variants"]] == ["dense", "tucker-x2", "bogus-x2", "auto-params2x"]
     assert data["variants"][3]["status"] == "failed"
+    pick = data["recommended"]  # the fastest variant within one point of dense accuracy
+    assert pick["variant"] in ("dense", "tucker-x2") and "recommended: " in result.stdout
     assert data["variants"][0]["accuracy"] >= 0.95
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
 
