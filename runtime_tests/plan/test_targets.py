@@ -139,7 +139,11 @@ def test_a_latency_plan_is_measured_end_to_end(cli, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     plan = json.loads(report_path.read_text())["plan"]
     checks = plan["timing"]["checks"]
-    assert checks and plan["reached"]["latency"] == max(c["speedup"] for c in checks)
+    # the reached figure is a measured one: the least damaging check that met the target, else the fastest
+    assert checks and plan["reached"]["latency"] in [c["speedup"] for c in checks]
+    met = [c for c in checks if c["speedup"] >= 2]
+    if met:
+        assert plan["met"] and plan["reached"]["latency"] == min(met, key=lambda c: c["damage"])["speedup"]
     assert plan["timing"]["threads"] == 1 and plan["timing"]["precision"] == "fp32"
     assert all("ms" in layer for layer in plan["layers"].values())
     cached = json.loads((tmp_path / "cache" / "timing.json").read_text())

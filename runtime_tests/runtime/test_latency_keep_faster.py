@@ -91,7 +91,7 @@ def test_export_and_plan_keep_faster_through_the_cli(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["export", "cifar_conv", "--keep-faster", "-o", "{out}"], "needs a factorization method (--method)"),
-    (["export", "cifar_conv", "--method", "svd", "--precision", "int8", "-o", "{out}"], "add --keep-faster"),
+    (["export", "cifar_conv", "--method", "svd", "--precision", "int8", "-o", "{out}"], "only used by --keep-faster or --target latency"),
     (["export", "cifar_conv", "--method", "svd", "--keep-faster", "--provider", "cuda", "-o", "{out}"],
      "provider 'cuda' is not available"),
 ])
