@@ -28,8 +28,9 @@ ROUNDS, WARMUP = 15, 3
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("EDGECOMPRESS_CACHE", Path.home() / ".cache" / "edgecompress"))
-    return root / "timing.json"
+    from edgecompress.models.wheels import cache_dir  # the one cache folder ($EDGECOMPRESS_CACHE)
+
+    return cache_dir() / "timing.json"
 
 
 def _load_cache() -> dict[str, float]:
