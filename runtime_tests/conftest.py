@@ -41,3 +41,20 @@ def cli(runner):
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def digits_fitting():
+    """The trained digits CNN (BatchNorm folded), 73 of its training digits as calibration (64 fit, 9 held
+    out) and the test split: ``(model, calib, x_test, y_test)``."""
+    from edgecompress import exporters
+    from edgecompress.capture import calibration_set
+    from edgecompress.loading import load_model
+    from edgecompress.models import digits
+
+    model = load_model("digits_cnn").module.eval()
+    exporters.fold_batchnorm_(model)
+    x_train, _ = digits.load_digits("train")
+    x_test, y_test = digits.load_digits("test")
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:73]
+    return model, calibration_set({"input": x_train[order].numpy()}, "digits train"), x_test, y_test

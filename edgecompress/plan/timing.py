@@ -63,8 +63,8 @@ def _key(proto: onnx.ModelProto, shape: tuple[int, ...], config) -> str:
     return f"{config.provider}/{config.threads}/{config.precision}/{version}/{shape}/{digest.hexdigest()}"
 
 
-def _onnx(module: nn.Module, sample: torch.Tensor, config) -> onnx.ModelProto:
-    proto, _ = exporters.simplify(exporters.export_onnx(module.eval(), [sample]))
+def _onnx(module: nn.Module, samples: list[torch.Tensor], config) -> onnx.ModelProto:
+    proto, _ = exporters.simplify(exporters.export_onnx(module.eval(), samples))
     if config.precision == "int8":
         from edgecompress.latency import int8_model
 
@@ -88,7 +88,7 @@ def _interleaved(protos: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray
 def time_layers(modules: list[nn.Module], sample: torch.Tensor, config) -> list[float]:
     """Milliseconds of each of ``modules`` (one layer's dense layer and chains) on one input ``sample``."""
     cache = _load_cache()
-    protos = [_onnx(m, sample, config) for m in modules]
+    protos = [_onnx(m, [sample], config) for m in modules]
     keys = [_key(p, tuple(sample.shape), config) for p in protos]
     todo = [k for k, key in enumerate(keys) if key not in cache]
     if todo:
@@ -102,13 +102,6 @@ def time_layers(modules: list[nn.Module], sample: torch.Tensor, config) -> list[
 def time_models(modules: list[nn.Module], inputs: list[torch.Tensor], config) -> list[float]:
     """Milliseconds of whole models at batch 1, interleaved (not cached: weights change the graph)."""
     sample = [x[:1] for x in inputs]
-    protos = []
-    for module in modules:
-        proto, _ = exporters.simplify(exporters.export_onnx(module.eval(), sample))
-        if config.precision == "int8":
-            from edgecompress.latency import int8_model
-
-            proto = int8_model(proto, config.provider)
-        protos.append(proto)
+    protos = [_onnx(m, sample, config) for m in modules]
     feeds = [{i.name: x.numpy() for i, x in zip(p.graph.input, sample)} for p in protos]
     return _interleaved(protos, feeds, config)

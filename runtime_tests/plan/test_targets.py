@@ -8,12 +8,9 @@ import json
 import pytest
 import torch
 
-from edgecompress import exporters
-from edgecompress.capture import calibration_set
 from edgecompress.data import run_onnx
 from edgecompress.errors import ConfigError
 from edgecompress.factorize import FactorizeConfig, factorize
-from edgecompress.loading import load_model
 from edgecompress.models import digits
 from edgecompress.plan import Candidate, choose, parse_target
 from edgecompress.stats import count_macs, count_params
@@ -51,13 +48,8 @@ def test_choose_is_feasible_and_says_when_it_is_not():
 
 
 @pytest.fixture(scope="module")
-def digits_setting():
-    model = load_model("digits_cnn").module.eval()
-    exporters.fold_batchnorm_(model)
-    x_train, _ = digits.load_digits("train")
-    x, y = digits.load_digits("test")
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:73]
-    return model, calibration_set({"input": x_train[order].numpy()}, "digits train"), x, y
+def digits_setting(digits_fitting):
+    return digits_fitting
 
 
 @pytest.mark.parametrize("kind", ["params", "macs"])

@@ -7,24 +7,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from edgecompress import exporters
 from edgecompress.capture import calibration_set
 from edgecompress.factorize import FactorizeConfig, factorize
-from edgecompress.loading import load_model
-from edgecompress.models import digits
 
 METHODS = ["svd", "svd-spatial", "tucker", "cp", "tt"]
 
 
 @pytest.fixture(scope="module")
-def setting():
-    model = load_model("digits_cnn").module.eval()
-    exporters.fold_batchnorm_(model)
-    x_train, _ = digits.load_digits("train")
-    x_test, y_test = digits.load_digits("test")
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:73]
-    calib = calibration_set({"input": x_train[order].numpy()}, "digits train")
-    return model, calib, x_test, y_test
+def setting(digits_fitting):
+    return digits_fitting
 
 
 def _accuracy(model, x, y):
