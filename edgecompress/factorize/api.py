@@ -142,7 +142,7 @@ def _plan(model, config, candidates, capture, inputs, progress):
 
     planned, plan = allocate(model, config, candidates, capture, inputs, skip,
                              (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None)
-    listed = {name for name in plan["layers"]}
+    listed = set(plan["layers"])
     unused = tuple((name, {"method": "dense"}) for name, layer in candidates
                    if name not in listed and not skip(name, layer, plan["methods"]))
     return dataclasses.replace(planned, overrides=planned.overrides + unused), plan
