@@ -116,6 +116,17 @@ class TorchCapture:
         """Nothing to do: the loop swaps the chain into ``model`` itself."""
 
     @torch.no_grad()
+    def model_error(self, chains: dict[str, nn.Module]) -> float:
+        """Relative error of the model's outputs on the held-out samples with all of ``chains`` in place
+        (the model being factorized already holds them), against the dense model's."""
+        if self._final is None:
+            self._final = [_outputs(self.dense(_tensor(b))) for b in self.calib.evaluation()]
+        for name, chain in chains.items():
+            if self.model.get_submodule(name) is not chain:
+                self.model.set_submodule(name, chain)
+        return relative_error(self._final, [_outputs(self.model(_tensor(b))) for b in self.calib.evaluation()])
+
+    @torch.no_grad()
     def final_error(self, name: str, module: nn.Module) -> float:
         """Relative error of the model's outputs on the held-out samples, with ``module`` in place of layer
         ``name`` (and the layers fitted so far), against the dense model's: the end-to-end check of a fit."""
