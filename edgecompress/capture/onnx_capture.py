@@ -105,21 +105,20 @@ class OnnxCapture:
     def model_error(self, chains: dict[str, torch.nn.Module]) -> float:
         """Relative error of the outputs on the held-out samples of the dense file with all of ``chains``
         spliced in, against the dense file's."""
-        scored = _scored_tensors(self.dense)
-        if self._final is None:
-            self._final = _graph_outputs(self.dense, self.calib.evaluation(), scored)
         spliced = self.dense
         for name, chain in chains.items():
             spliced = self.splice(spliced, name, chain)
-        return relative_error(self._final, _graph_outputs(spliced, self.calib.evaluation(), scored))
+        return self._error(spliced)
 
     def final_error(self, name: str, module: torch.nn.Module) -> float:
         """Relative error of the model's outputs on the held-out samples with ``module`` spliced in for
         ``name`` (and the layers fitted so far), against the dense file's: the end-to-end check of a fit."""
+        return self._error(self.splice(self.working, name, module))
+
+    def _error(self, spliced: onnx.ModelProto) -> float:
         scored = _scored_tensors(self.dense)
-        if self._final is None:
+        if self._final is None:  # the dense file's held-out outputs, once
             self._final = _graph_outputs(self.dense, self.calib.evaluation(), scored)
-        spliced = self.splice(self.working, name, module)
         return relative_error(self._final, _graph_outputs(spliced, self.calib.evaluation(), scored))
 
     def _dense_inputs(self, name: str, keep: bool = False) -> tuple[list, list]:

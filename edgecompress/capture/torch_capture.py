@@ -119,25 +119,26 @@ class TorchCapture:
     def model_error(self, chains: dict[str, nn.Module]) -> float:
         """Relative error of the model's outputs on the held-out samples with all of ``chains`` in place
         (the model being factorized already holds them), against the dense model's."""
-        if self._final is None:
-            self._final = [_outputs(self.dense(_tensor(b))) for b in self.calib.evaluation()]
         for name, chain in chains.items():
             if self.model.get_submodule(name) is not chain:
                 self.model.set_submodule(name, chain)
-        return relative_error(self._final, [_outputs(self.model(_tensor(b))) for b in self.calib.evaluation()])
+        return self._model_error()
 
     @torch.no_grad()
     def final_error(self, name: str, module: nn.Module) -> float:
         """Relative error of the model's outputs on the held-out samples, with ``module`` in place of layer
         ``name`` (and the layers fitted so far), against the dense model's: the end-to-end check of a fit."""
-        if self._final is None:
-            self._final = [_outputs(self.dense(_tensor(b))) for b in self.calib.evaluation()]
         original = self.model.get_submodule(name)
         self.model.set_submodule(name, module)
         try:
-            return relative_error(self._final, [_outputs(self.model(_tensor(b))) for b in self.calib.evaluation()])
+            return self._model_error()
         finally:
             self.model.set_submodule(name, original)
+
+    def _model_error(self) -> float:
+        if self._final is None:  # the dense model's held-out outputs, once
+            self._final = [_outputs(self.dense(_tensor(b))) for b in self.calib.evaluation()]
+        return relative_error(self._final, [_outputs(self.model(_tensor(b))) for b in self.calib.evaluation()])
 
     def _dense_inputs(self, name: str, keep: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._dense_cache is None:

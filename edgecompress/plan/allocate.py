@@ -154,7 +154,7 @@ def choose(curves: dict[str, list[Candidate]], budgets: dict[str, float]) -> tup
 
 
 def _runner_up(options: list[Candidate], chosen: int) -> Candidate | None:
-    """The least damaging other candidate at most 25% dearer in parameters, else the next cheaper one."""
+    """The least damaging other candidate at most 25% dearer in parameters (cheaper ones included), or None."""
     limit = options[chosen].params * 1.25
     near = [o for k, o in enumerate(options) if k != chosen and o.params <= limit]
     return min(near, key=lambda o: (o.damage, o.params)) if near else None
