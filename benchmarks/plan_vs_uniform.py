@@ -84,7 +84,7 @@ def run_torch(name: str) -> list[dict]:
 def run_orientation() -> list[dict]:
     from edgecompress.calibration import model_inputs
     from edgecompress.models.orientation import orientation_onnx, render_pages
-    from edgecompress.onnx_factorize import factorize_onnx
+    from edgecompress.graph import factorize_onnx
     from edgecompress.runtime import load_onnx, make_session
 
     proto = load_onnx(orientation_onnx())

@@ -81,7 +81,7 @@ def build(model: str, method: str | None, ratio: float | None, data_free: bool, 
             Path(out).write_bytes(source.read_bytes())
             report = {"layers": []}
         else:
-            from edgecompress.onnx_factorize import export_factorized_onnx
+            from edgecompress.graph import export_factorized_onnx
 
             report = export_factorized_onnx(source, out, config, calib_path=calib_path)
     else:

@@ -195,10 +195,10 @@ def _finish(report: Report, out_dir: Path, start: float, progress: Progress) -> 
 
 
 def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Progress, start: float) -> Report:
-    """``run`` on an ONNX file: the variants come from ``edgecompress.onnx_factorize`` (svd, svd-spatial,
+    """``run`` on an ONNX file: the variants come from ``edgecompress.graph`` (svd, svd-spatial,
     tucker, cp); int8, bench, evaluation and the report are the same. No fine-tuning: it needs PyTorch."""
     from edgecompress.calibration import random_samples
-    from edgecompress.onnx_factorize import METHODS, factorize_onnx
+    from edgecompress.graph import METHODS, factorize_onnx
     from edgecompress.quantize import ZOO_METADATA_KEY
 
     proto = runtime.load_onnx(path)

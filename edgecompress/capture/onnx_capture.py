@@ -2,7 +2,7 @@
 
 ``OnnxCapture`` serves the same factorization loop as ``TorchCapture``, for a model that exists only as an
 ONNX file: no PyTorch model of the whole network is built. The layers are the file's weight nodes, rebuilt
-as torch layers by ``onnx_factorize``; ``inputs(name)`` runs the original file and the working file (the
+as torch layers by ``edgecompress.graph``; ``inputs(name)`` runs the original file and the working file (the
 chains of the layers before ``name`` spliced in by ``replace``) and fetches that node's input tensor. The
 dense inputs of every layer come from one run per batch while they fit ``memory_cap``.
 """

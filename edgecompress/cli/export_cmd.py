@@ -68,7 +68,7 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
 
 
 def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status, calib_path) -> dict:
-    from edgecompress.onnx_factorize import export_factorized_onnx
+    from edgecompress.graph import export_factorized_onnx
 
     if fconfig is None:
         raise ConfigError(f"{model} is already ONNX: give --method (svd, svd-spatial, tucker, cp) to factorize it")

@@ -45,7 +45,7 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
         resolve_provider(latency.provider)  # an unavailable provider fails before any work
     with err_console.status("factorizing") as status:
         if model.endswith(".onnx"):
-            from edgecompress.onnx_factorize import factorize_onnx
+            from edgecompress.graph import factorize_onnx
             from edgecompress.runtime import load_onnx
 
             if weights or input_shape:

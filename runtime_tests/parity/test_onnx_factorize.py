@@ -1,4 +1,4 @@
-"""Factorizing an ONNX file directly (edgecompress.onnx_factorize) gives what factorizing the PyTorch
+"""Factorizing an ONNX file directly (edgecompress.graph) gives what factorizing the PyTorch
 model gives: the same chains, the same numbers (max |difference| <= 1e-5 on random inputs)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from edgecompress.errors import ConfigError
 from edgecompress.export import export
 from edgecompress.factorize import FactorizeConfig
 from edgecompress.loading import InputSpec, LoadedModel
-from edgecompress.onnx_factorize import export_factorized_onnx, factorize_onnx
+from edgecompress.graph import export_factorized_onnx, factorize_onnx
 
 
 def _outputs(model: onnx.ModelProto, samples) -> list[np.ndarray]:
@@ -120,7 +120,7 @@ def test_cli_exports_an_onnx_file_and_refuses_what_does_not_apply(tmp_path):
 
 
 def test_layer_names_from_node_names_never_clash():
-    from edgecompress.onnx_factorize import _layer_name, _place
+    from edgecompress.graph.read import layer_name as _layer_name, place as _place
 
     root = nn.Module()
     placed = [_place(root, name, nn.Linear(2, 2)) for name in ("a.b", "a.b", "a.b.c", "a", "a_b")]
