@@ -56,7 +56,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
         if value.name in inits:
             continue
         ttype = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim)
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim)
         infos.append(InputInfo(value.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))))
     return infos
 
@@ -162,28 +162,31 @@ def random_samples(model: onnx.ModelProto, count: int, seed: int) -> list[Sample
         feed = {}
         for info in model_inputs(model):
             shape = tuple(d or 1 for d in info.shape)
-            if info.dtype.kind in "iu":
-                feed[info.name] = rng.integers(0, _vocab_size(model, info.name), shape).astype(info.dtype)
+            if info.dtype.kind in "iu":  # ids below the embedding's size; 0/1 (a mask) when no table reads them
+                feed[info.name] = rng.integers(0, _vocab_size(model, info.name) or 2, shape).astype(info.dtype)
             else:
                 feed[info.name] = rng.standard_normal(shape).astype(info.dtype)
         feeds.append(feed)
     return feeds
 
 
-def _vocab_size(model: onnx.ModelProto, name: str) -> int:
+def _vocab_size(model: onnx.ModelProto, name: str) -> int | None:
+    """The rows of the embedding table that the integer input ``name`` indexes, or None when none does."""
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in inits:
             return int(inits[node.input[0]].dims[0])
-    raise ConfigError(f"cannot make random ids for integer input {name!r}: no embedding table found; give --calib")
+    vocab = next((p.value for p in model.metadata_props if p.key == f"edgecompress.vocab.{name}"), None)
+    return int(vocab) if vocab else None
 
 
 def zoo_samples(name: str, model: onnx.ModelProto, count: int, seed: int, held_out: bool = False) -> list[Sample]:
     """The zoo entry's own sample inputs, fed to the ONNX input names: real data where the entry ships
     some (calibration from its training split, evaluation from its held-out split), else seeded
     ``loading.sample_inputs``."""
-    from edgecompress.loading import load_model, sample_inputs
     from edgecompress.models import get_spec
+
+    from edgecompress.loading import load_model, sample_inputs
 
     infos = model_inputs(model)
     if len(infos) != 1:

@@ -107,3 +107,14 @@ def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, Any]
         raise LoadError(f"{what} {os.fspath(path)!r} does not exist") from None
     except Exception as exc:  # zipfile, numpy and OS errors all mean the same to the user
         raise LoadError(f"{what} {os.fspath(path)!r} is not a readable .npz file: {type(exc).__name__}") from None
+
+
+@contextlib.contextmanager
+def inside(folder: str | Path):
+    """Run the block with ``folder`` as the working directory (for tools that drop temp files into it)."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)

@@ -19,13 +19,20 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
+from edgecompress.models import DEFAULT_MODEL
 
 from edgecompress import exporters, io, runtime
 from edgecompress.data import RunData, default_data, load_data
 from edgecompress.errors import ConfigError, EdgeCompressError
 from edgecompress.export import ExportConfig, export_module
-from edgecompress.loading import InputSpec, LoadedModel, load_model, load_weights_, parse_shape, sample_inputs
-from edgecompress.models import DEFAULT_MODEL
+from edgecompress.loading import (
+    InputSpec,
+    LoadedModel,
+    load_model,
+    load_weights_,
+    parse_shape,
+    sample_inputs,
+)
 from edgecompress.report import Report, Variant, write_report
 from edgecompress.stats import count_macs, count_params
 
@@ -134,9 +141,9 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     start = time.perf_counter()
     runtime.resolve_provider(config.provider)  # an unknown or missing provider fails before any work
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
-        if weights is not None or input_shape is not None or input_dtype is not None:
-            raise ConfigError("--weights, --input-shape and --input-dtype cannot be used with an ONNX file as MODEL")
-        return _run_onnx(Path(model), Path(out_dir), config, data, progress, start)
+        if weights is not None or input_dtype is not None:
+            raise ConfigError("--weights and --input-dtype cannot be used with an ONNX file as MODEL")
+        return _run_onnx(Path(model), Path(out_dir), config, data, progress, start, input_shape)
     loaded = _loaded(model, weights, input_shape, input_dtype)
     out_dir = Path(out_dir)
     io.ensure_writable(out_dir / "report.json")
@@ -194,16 +201,20 @@ def _finish(report: Report, out_dir: Path, start: float, progress: Progress) -> 
     return report
 
 
-def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Progress, start: float) -> Report:
+def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Progress, start: float,
+              input_shape: str | None = None) -> Report:
     """``run`` on an ONNX file: the variants come from ``edgecompress.graph`` (svd, svd-spatial,
-    tucker, cp); int8, bench, evaluation and the report are the same. No fine-tuning: it needs PyTorch."""
+    tucker, cp, tt); int8, bench, evaluation and the report are the same. ``input_shape`` fixes dynamic dims
+    (``--input-shape``). No fine-tuning: it needs PyTorch."""
     from edgecompress.calibration import random_samples
     from edgecompress.graph import METHODS, factorize_onnx
+    from edgecompress.graph.shapes import fixed, parse_input_shapes
     from edgecompress.quantize import ZOO_METADATA_KEY
 
     proto = runtime.load_onnx(path)
     io.ensure_writable(out_dir / "report.json")
-    spec = _onnx_spec(proto)
+    shaped = fixed(proto, parse_input_shapes(input_shape, proto)) if input_shape else proto
+    spec = _onnx_spec(shaped)
     zoo = next((p.value for p in proto.metadata_props if p.key == ZOO_METADATA_KEY), None)
     if data is None:
         data = default_data(zoo) if zoo else None
@@ -227,13 +238,14 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
         report.variants.append(variant)
         progress.advance("factorize", variant.name)
         if method not in (*METHODS, "auto"):
-            _fail(variant, "factorize", f"{method} cannot factorize an ONNX file (its chains bake the input shape in): "
-                                        f"use one of {', '.join(METHODS)}, or run on the PyTorch model")
+            _fail(variant, "factorize", f"{method} cannot factorize an ONNX file: use one of {', '.join(METHODS)}, "
+                                        "or run on the PyTorch model")
             continue
         t0 = time.perf_counter()
         try:
             new, frep = factorize_onnx(proto, _fconfig(config, method, ratio, targets), calib=calib,
-                                       latency_config=config.latency_config() if config.keep_faster else None)
+                                       latency_config=config.latency_config() if config.keep_faster else None,
+                                       input_shapes=input_shape)
             new, _ = exporters.simplify(new)
             exporters.check_model(new)
         except Exception as exc:  # one variant's failure must not stop the others
@@ -248,12 +260,12 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
     if data is not None:
         calib, (x, labels) = data.train()[0], data.eval(config.eval_samples)
     else:  # seeded random inputs: the first calib_samples + 8 calibrate, the last 64 evaluate
-        samples = random_samples(proto, config.calib_samples + 8 + 64, config.seed + 1)
+        samples = random_samples(shaped, config.calib_samples + 8 + 64, config.seed + 1)
         calib = torch.from_numpy(np.concatenate([next(iter(s.values())) for s in samples]))
         x, labels = calib[-64:], None
     if config.int8:
         _quantize(calib[: config.calib_samples + 8].numpy(), out_dir, config, report, progress)
-    _bench(report, config, progress)
+    _bench(report, config, progress, input_shape)
     _evaluate(report, x, labels, config, progress)
     return _finish(report, out_dir, start, progress)
 
@@ -445,7 +457,7 @@ def _calibration(loaded: LoadedModel, data: RunData | None, config: RunConfig) -
     return torch.cat(batch).numpy()
 
 
-def _bench(report: Report, config: RunConfig, progress: Progress) -> None:
+def _bench(report: Report, config: RunConfig, progress: Progress, input_shape: str | None = None) -> None:
     """Every ONNX file in one interleaved bench run; a failure fails only the bench step."""
     ready = [v for v in report.variants if v.status == "ok" and v.onnx]
     progress.start("bench", len(ready) * config.bench_runs * len(config.threads))
@@ -455,7 +467,8 @@ def _bench(report: Report, config: RunConfig, progress: Progress) -> None:
         from edgecompress.bench import BenchConfig, bench
 
         bconfig = BenchConfig(provider=config.provider, threads=tuple(config.threads), warmup=config.bench_warmup,
-                              runs=config.bench_runs, memory=False, profile=config.profile, seed=config.seed)
+                              runs=config.bench_runs, memory=False, profile=config.profile, seed=config.seed,
+                              input_shape=input_shape)
         done = [0]
 
         def tick(stage: str, count: int, total: int) -> None:
@@ -553,9 +566,9 @@ def quantize_int8(in_path: str | Path, out_path: str | Path, calib: np.ndarray, 
     quantize's own SQNR check)."""
     import tempfile
 
-    from edgecompress.quantize import QuantizeConfig, quantize, target_for
-
     import onnx
+
+    from edgecompress.quantize import QuantizeConfig, quantize, target_for
 
     model = onnx.load(str(in_path), load_external_data=False)
     initializers = {t.name for t in model.graph.initializer}

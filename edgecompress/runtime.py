@@ -145,9 +145,19 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     if not path.is_file():
         raise LoadError(f"ONNX file {str(path)!r} does not exist")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise LoadError(f"{str(path)!r} is not a valid ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    external = sorted({e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                       for e in t.external_data if e.key == "location"})
+    missing = [f for f in external if not (path.parent / f).is_file()]
+    if missing:
+        raise LoadError(f"{str(path)!r} keeps its weights in external data, and {', '.join(missing)} is missing: "
+                        f"put it beside the .onnx file")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise LoadError(f"{str(path)!r}: its external data cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not model.graph.node:
         raise LoadError(f"{str(path)!r} is not a valid ONNX model: its graph has no nodes")
     return model

@@ -63,14 +63,23 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 
 def param_count(model: onnx.ModelProto) -> int:
-    """How many values the initializers hold (the file's parameters)."""
+    """How many values the initializers and Constant nodes hold (the file's parameters; paddle2onnx writes
+    its weights as Constant nodes)."""
+    tensors = [*model.graph.initializer, *(a.t for n in model.graph.node if n.op_type == "Constant"
+                                           for a in n.attribute if a.name == "value")]
     total = 0
-    for init in model.graph.initializer:
+    for tensor in tensors:
         count = 1
-        for dim in init.dims:
+        for dim in tensor.dims:
             count *= dim
         total += count
     return total
+
+
+def strip_value_info(model: onnx.ModelProto) -> None:
+    """Drop, in place, the inferred shapes of intermediate tensors: onnxruntime infers them again at load,
+    and on a 600-tensor file they are 4 kB that would make a round trip larger than its input."""
+    del model.graph.value_info[:]
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -43,8 +43,11 @@ class _Runner:
 
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         n = len(next(iter(feed.values())))
-        step = self.batch or n
-        parts = [self.session.run(self.tensors, {k: v[s:s + step] for k, v in feed.items()}) for s in range(0, n, step)]
+        if self.batch is None or n <= self.batch:  # the feed as it is (other inputs may batch on another axis)
+            parts = [self.session.run(self.tensors, feed)]
+        else:
+            parts = [self.session.run(self.tensors, {k: v[s:s + self.batch] for k, v in feed.items()})
+                     for s in range(0, n, self.batch)]
         return {t: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k, t in enumerate(self.tensors)}
 
 

@@ -19,7 +19,8 @@ def model_options(func):
     @click.option("--input-dtype", type=click.Choice(list(DTYPES)), default=None,
                   help="Input dtype; int64 inputs are token ids. Default: the zoo entry's.")
     @click.option("--input-shape", default=None, metavar="SHAPE",
-                  help="Input shape such as 1x3x224x224. Default: the zoo entry's.")
+                  help="Input shape such as 1x3x224x224; for an ONNX file with several inputs name=SHAPE,name=SHAPE. "
+                       "Default: the zoo entry's; for an ONNX file its fixed dims (a dynamic batch as 1).")
     @click.option("--weights", type=click.Path(dir_okay=False), default=None,
                   help="State dict to load: .safetensors, or .pt/.pth (loaded with weights_only=True).")
     @functools.wraps(func)

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import click
+from edgecompress.models import DEFAULT_MODEL
 from rich.table import Table
 
 from edgecompress import io
-from edgecompress.cli._options import console, err_console, fmt_bytes, fmt_int, model_options
-from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
-                                                 latency_options, timed, torch_calibration_from)
+from edgecompress.cli._options import (
+    console,
+    err_console,
+    fmt_bytes,
+    fmt_int,
+    model_options,
+)
+from edgecompress.cli.factorize_options import (
+    factorize_config_from,
+    factorize_options,
+    latency_config_from,
+    latency_options,
+    timed,
+    torch_calibration_from,
+)
 from edgecompress.errors import ConfigError
 from edgecompress.export import ExportConfig, export
-from edgecompress.models import DEFAULT_MODEL
-
 
 
 @click.command("export")
@@ -32,8 +43,11 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory;
     default: the bundled default model. With --method the supported layers are factorized first.
-    MODEL can also be an ONNX file: with --method (svd, svd-spatial, tucker, cp) its Conv/Gemm/MatMul
-    weight nodes are factorized in the file itself, and the error is measured against the original.
+    MODEL can also be an ONNX file, as any exporter wrote it: its weights are read wherever they sit and
+    BatchNormalization is folded into its Conv. With --method (svd, svd-spatial, tucker, cp, tt) its
+    Conv/Gemm/MatMul/Gather weight nodes are factorized in the file itself; without, the file is written back
+    clean (never larger). The error is measured against the original. For dynamic dims give --input-shape
+    (1x3x224x224, or name=SHAPE,name=SHAPE for several inputs); the written file keeps them dynamic (tt: fixed).
     """
     model = model or DEFAULT_MODEL
     config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, tolerance=tolerance)
@@ -70,14 +84,11 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
 def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status, calib_path) -> dict:
     from edgecompress.graph import export_factorized_onnx
 
-    if fconfig is None:
-        raise ConfigError(f"{model} is already ONNX: give --method (svd, svd-spatial, tucker, cp) to factorize it")
-    unsupported = [flag for flag, given in (("--weights", weights), ("--input-shape", input_shape),
-                                            ("--dynamic-batch", config.dynamic_batch)) if given]
+    unsupported = [flag for flag, given in (("--weights", weights), ("--dynamic-batch", config.dynamic_batch)) if given]
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)} cannot be used with an ONNX file as MODEL")
     return export_factorized_onnx(model, out, fconfig, config, stage=lambda s: status.update(s), latency_config=lconfig,
-                                  calib_path=calib_path)
+                                  calib_path=calib_path, input_shapes=input_shape)
 
 
 def _print_summary(report: dict) -> None:
@@ -87,7 +98,20 @@ def _print_summary(report: dict) -> None:
     table.add_column(justify="right")
     if "input_shape" in report:
         table.add_row("input", "x".join(map(str, report["input_shape"])))
-    if "method" in report:
+    if report.get("source") == "onnx":
+        graph = report["graph"]
+        table.add_row("read", graph["normalized"])
+        table.add_row("written", graph["written"])
+        if graph["analysed_at"]:
+            table.add_row("analysed at", ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in graph["analysed_at"].items()))
+        if graph["unread"]:
+            table.add_row("weight nodes left as they are", f"{len(graph['unread'])}: " + ", ".join(
+                f"{u['node']} ({u['reason']})" for u in graph["unread"][:3]) + (" ..." if len(graph["unread"]) > 3 else ""))
+        if graph["fixed_output"]:
+            table.add_row("input dims", "fixed in the written file (TT chains bake the shape in)")
+        for note in graph.get("notes", []):
+            table.add_row("note", note)
+    if report.get("method"):
         if "plan" in report:
             from edgecompress.plan.targets import describe
 
@@ -111,8 +135,15 @@ def _print_summary(report: dict) -> None:
                           ", ".join(latency["reverted"]) or "none")
     else:
         table.add_row("params", fmt_int(totals["params"]))
-        table.add_row("MACs", fmt_int(totals["macs"]))
-    table.add_row("ONNX size", fmt_bytes(onnx_info["bytes"]))
+        if "macs" in totals:
+            table.add_row("MACs", fmt_int(totals["macs"]))
+        if "error_vs_dense" in report:
+            error = report["error_vs_dense"]
+            table.add_row("error vs input (max |diff|)", f"{error['max_abs_diff']:.2e} on {error['samples']} {error['inputs']}")
+    if "bytes_input" in onnx_info:
+        table.add_row("ONNX size", f"{fmt_bytes(onnx_info['bytes_input'])} -> {fmt_bytes(onnx_info['bytes'])}")
+    else:
+        table.add_row("ONNX size", fmt_bytes(onnx_info["bytes"]))
     table.add_row("nodes", f"{onnx_info['nodes']} ({', '.join(f'{k} {v}' for k, v in onnx_info['op_counts'].items())})")
     if "parity" in report:
         parity = report["parity"]

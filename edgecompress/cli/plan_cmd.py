@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-
 import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from edgecompress.cli._options import console, err_console, fmt_int, model_options
-from edgecompress.cli.factorize_options import (factorize_config_from, factorize_options, latency_config_from,
-                                                 latency_options, timed, torch_calibration_from)
+from edgecompress.cli.factorize_options import (
+    factorize_config_from,
+    factorize_options,
+    latency_config_from,
+    latency_options,
+    timed,
+    torch_calibration_from,
+)
 from edgecompress.errors import ConfigError
 from edgecompress.io import to_json
 from edgecompress.plan.targets import describe
@@ -30,7 +35,9 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
     """Show what factorizing MODEL would do, layer by layer, without exporting.
 
     MODEL is a zoo name (see `edgecompress models`), path/to/file.py:factory or package.module:factory,
-    or an ONNX file (its Conv/Gemm/MatMul weight nodes; methods svd, svd-spatial, tucker, cp).
+    or an ONNX file (its Conv/Gemm/MatMul/Gather weight nodes, read as any exporter wrote them; methods svd,
+    svd-spatial, tucker, cp, tt). For an ONNX file with dynamic dims give --input-shape (1x3x224x224, or
+    name=SHAPE,name=SHAPE), or --calib data, which fixes them; MACs are counted at that shape.
     """
     from edgecompress.factorize import plan
 
@@ -48,10 +55,10 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
             from edgecompress.graph import factorize_onnx
             from edgecompress.runtime import load_onnx
 
-            if weights or input_shape:
-                raise ConfigError("--weights and --input-shape cannot be used with an ONNX file as MODEL")
+            if weights:
+                raise ConfigError("--weights cannot be used with an ONNX file as MODEL")
             _, report = factorize_onnx(load_onnx(model), config, latency_config=latency, calib_path=fopts["calib_path"],
-                                       sequential=sequential)
+                                       sequential=sequential, input_shapes=input_shape)
         else:
             from edgecompress.loading import load_model
 
@@ -77,6 +84,12 @@ def _table(model: str, report) -> Table:
     t = report.totals()
     caption = (f"{t['factorized_layers']} factorized, {t['dense_layers']} left dense; params {_change(t['params_before'], t['params_after'])}, "
                f"MACs {_change(t['macs_before'], t['macs_after'])}")
+    if report.graph:  # an ONNX file: how it was read
+        graph = report.graph
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in graph["analysed_at"].items())
+        caption += f"\nread with {graph['normalized']}; analysed at {shapes}"
+        if graph["unread"]:
+            caption += "; weight nodes left as they are: " + ", ".join(f"{u['node']} ({u['reason']})" for u in graph["unread"])
     plan = report.plan
     what = (f"plan for {describe(plan['targets'].items())}, reached {describe(plan['reached'].items())}" if plan
             else f"{report.config.method}, {report.config.rank_spec().describe()}")

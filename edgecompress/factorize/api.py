@@ -20,7 +20,12 @@ import torch.nn as nn
 
 from edgecompress.factorize.base import FactorizedLayer, LayerRecord, SkipLayer
 from edgecompress.factorize.config import FactorizeConfig
-from edgecompress.factorize.reconstruct import can_refit, output_errors, refine_, refit_last_
+from edgecompress.factorize.reconstruct import (
+    can_refit,
+    output_errors,
+    refine_,
+    refit_last_,
+)
 from edgecompress.factorize.registry import candidate_types, decomposer_for
 from edgecompress.stats import count_macs, count_params
 
@@ -36,6 +41,7 @@ class FactorizeReport:
     seconds: float
     calibration: dict[str, Any] | None = None  # where the data came from, when the factors were fitted to data
     plan: dict[str, Any] | None = None  # with targets: what was aimed at, reached, and chosen per layer
+    graph: dict[str, Any] | None = None  # ONNX input: how the file was read (``edgecompress.graph``)
 
     @property
     def factorized(self) -> list[LayerRecord]:
@@ -63,7 +69,8 @@ class FactorizeReport:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "seconds": round(self.seconds, 3), "calibration": self.calibration,
                 "layers": [r.to_dict() for r in self.layers], "totals": self.totals(),
-                **({"plan": self.plan} if self.plan is not None else {})}
+                **({"plan": self.plan} if self.plan is not None else {}),
+                **({"graph": self.graph} if self.graph is not None else {})}
 
 
 def factorize(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,

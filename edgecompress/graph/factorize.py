@@ -1,15 +1,18 @@
 """Factorize an ONNX model directly: its Conv, Gemm, MatMul and Gather nodes with constant weights, no PyTorch source.
 
-For users who have only the ONNX file. Each such node becomes the torch layer it computes (Conv1d/Conv2d
-from its attributes, Linear from its weight, Embedding from a Gather's table) inside a stand-in module tree named after the nodes
-(``features.4/Conv`` -> layer ``features.4``), so the same ``factorize_`` runs on it: the same
-decomposers, rank rules, include/exclude patterns, size floor and per-layer records. Each factorized
-layer's chain is then exported alone (the exporter of ``edgecompress.exporters``) and spliced in place of
-its node, under the names ``<layer>/<method>/<k>``. The result goes through onnxsim and the checker, and
-its output error against the original file is measured on random inputs.
+For users who have only the ONNX file, as an exporter wrote it. ``prepare`` reads it: weights folded into
+initializers and BatchNormalization into its Conv (``normalize``), the inputs fixed for the analysis
+(``--input-shape``, else the calibration data's shape, else a dynamic batch of 1) and every tensor's shape
+inferred (``shapes``). Each weight node becomes the torch layer it computes (``read``), inside a stand-in
+module tree named after the nodes, so the same ``factorize_`` runs on it: the same decomposers, rank rules,
+plans, include/exclude patterns, size floor and per-layer records, with MACs counted from the shapes. Each
+factorized layer's chain is then exported alone and spliced in place of its node (``splice``). The result
+goes through onnxsim and the checker, and its output error against the original file is measured on
+held-out calibration samples, else random inputs.
 
-Methods: svd, svd-spatial, tucker, cp. Their chains are Conv/MatMul/Gemm/Add nodes that take any input
-size. TT chains bake the input's shape into Reshape nodes, so for TT factorize the PyTorch model.
+Methods: svd, svd-spatial, tucker, cp, whose chains are Conv/MatMul/Gemm/Add nodes that take any input size,
+so the written file keeps the input's dynamic dims; and tt, whose chains bake the input's shape into Reshape
+nodes, so with tt the file is written with the fixed input shape, and says so.
 """
 
 from __future__ import annotations
@@ -22,108 +25,155 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 import torch.nn as nn
 
 from edgecompress import calibration, exporters, io, runtime
-from edgecompress.errors import ConfigError
+from edgecompress.errors import ConfigError, ExportError
 from edgecompress.export import ExportConfig, plan_report
 from edgecompress.factorize import FactorizeConfig
 from edgecompress.factorize.api import FactorizeReport, factorize_
-from edgecompress.graph.read import (
-    activation,
-    as_layer,
-    constants,
-    layer_name,
-    opset_of,
-    place,
-    tensor_shapes,
-)
-from edgecompress.graph.splice import (
-    build,
-    known_shape,
-    named_like_layers,
-    same_node,
-    splice,
-)
+from edgecompress.graph import shapes as graph_shapes
+from edgecompress.graph.normalize import normalize
+from edgecompress.graph.read import Site, opset_of, read_layers
+from edgecompress.graph.splice import build, known_shape, named_like_layers, splice
+from edgecompress.stats import count_macs
 
-METHODS = ("svd", "svd-spatial", "tucker", "cp")
+METHODS = ("svd", "svd-spatial", "tucker", "cp", "tt")
+SHAPE_FREE = ("svd", "svd-spatial", "tucker", "cp")  # chains that take any input size
 
 
-def factorize_onnx(model: onnx.ModelProto, config: FactorizeConfig, opset: int | None = None,
+@dataclasses.dataclass
+class Prepared:
+    """An ONNX file read for factorization: ``model`` normalized (dynamic dims kept), ``fixed`` the same with
+    every input dim fixed, ``shapes`` the static shapes inferred on ``fixed``."""
+
+    model: onnx.ModelProto
+    fixed: onnx.ModelProto
+    shapes: dict[str, tuple[int, ...]]
+    input_shapes: dict[str, tuple[int, ...]]
+    normalized: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"normalized": self.normalized, "dynamic": graph_shapes.is_dynamic(self.model),
+                "analysed_at": {k: list(v) for k, v in self.input_shapes.items()}}
+
+
+def prepare(model: onnx.ModelProto, input_shapes: str | dict | None = None, calib=None) -> Prepared:
+    """Read ``model`` for factorization (see the module docstring). ``input_shapes``: ``--input-shape``'s
+    text or ``{input: shape}``; without it a ``calib`` set's first sample fixes the dims."""
+    normalized, note = normalize(model, fold_batchnorm=False)  # folded into the written file (normalize's docstring)
+    if isinstance(input_shapes, str) or input_shapes is None:
+        input_shapes = graph_shapes.parse_input_shapes(input_shapes, normalized)
+    if calib is not None:
+        sample = (calib.fit or calib.held)[0]
+        for name, array in sample.items():
+            given = input_shapes.get(name)
+            if given is not None and tuple(given[1:]) != tuple(array.shape[1:]):
+                raise ConfigError(f"the calibration data's input {name!r} has samples of "
+                                  f"{'x'.join(map(str, array.shape[1:]))}, --input-shape says "
+                                  f"{'x'.join(map(str, given[1:]))}")
+            input_shapes.setdefault(name, (1, *array.shape[1:]))
+    fixed = graph_shapes.fixed(normalized, input_shapes)
+    done = {v.name: tuple(int(d) for d in graph_shapes.dims(v)) for v in graph_shapes.graph_inputs(fixed)}
+    return Prepared(normalized, fixed, graph_shapes.infer(fixed), done, note)
+
+
+def factorize_onnx(model: onnx.ModelProto | Prepared, config: FactorizeConfig, opset: int | None = None,
                    latency_config=None, calib=None, calib_path: str | Path | None = None,
-                   sequential: bool = True) -> tuple[onnx.ModelProto, FactorizeReport]:
+                   sequential: bool = True, input_shapes: str | dict | None = None) -> tuple[onnx.ModelProto, FactorizeReport]:
     """A copy of ``model`` with its Conv/Gemm/MatMul/Gather weight nodes factorized, and the per-layer report.
     With calibration data (``calib``, a ``capture.CalibrationSet``, or ``calib_path``) each layer is fitted to
     its inputs, captured with onnxruntime (``capture.OnnxCapture``), as for a PyTorch model.
     With a ``LatencyConfig``, chains that do not run faster than their node go back to the node
-    (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so)."""
+    (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so).
+    The report's ``graph`` says how the file was read."""
+    if calib is None and calib_path is not None:
+        from edgecompress.capture.samples import onnx_calibration
+
+        calib = onnx_calibration(model if isinstance(model, onnx.ModelProto) else model.model, calib_path)
+    prepared = model if isinstance(model, Prepared) else prepare(model, input_shapes, calib)
     if config.targets and not config.methods:
         from edgecompress.plan.allocate import DEFAULT_METHODS
 
         config = dataclasses.replace(config, methods=tuple(m for m in DEFAULT_METHODS if m in METHODS))
-    if config.method not in METHODS or any(s.get("method", config.method) not in (*METHODS, "dense")
-                                           for _, s in config.overrides) or any(m not in (*METHODS, "dense")
-                                                                                for m in config.methods):
-        raise ConfigError(f"an ONNX model can be factorized with {', '.join(METHODS)}; TT chains bake the input "
-                          "shape in, so for tt factorize the PyTorch model")
+    used = {config.method, *(s.get("method", config.method) for _, s in config.overrides), *config.methods} - {"dense"}
+    if used - set(METHODS):
+        raise ConfigError(f"an ONNX model can be factorized with {', '.join(METHODS)}, not {', '.join(sorted(used - set(METHODS)))}")
     if latency_config is not None:
         runtime.resolve_provider(latency_config.provider)  # an unavailable provider fails before any work
-    opset = opset or opset_of(model)
-    weights, root, nodes = constants(model), nn.Module(), {}
-    for node in model.graph.node:
-        layer = as_layer(node, weights)
-        if layer is not None:
-            nodes[place(root, layer_name(node), layer)] = node
-    if calib is None and calib_path is not None:
-        from edgecompress.capture.samples import onnx_calibration
-
-        calib = onnx_calibration(model, calib_path)
-    capture = _capture(model, nodes, calib, opset, sequential) if calib is not None else None
-    root.file_params = exporters.param_count(model)  # a plan's whole-model parameter count
+    # TT chains bake the input's shape in: with tt the file is written, and captured, at the fixed shape
+    base = prepared.fixed if used - set(SHAPE_FREE) else prepared.model
+    opset = opset or opset_of(base)
+    root, sites, unread = read_layers(base)
+    capture = _capture(base, sites, calib, prepared.shapes, opset, sequential) if calib is not None else None
+    root.file_params = exporters.param_count(base)  # a plan's whole-model parameter count
+    root.layer_input_shapes = {name: known_shape(prepared.shapes, site) for name, site in sites.items()
+                               if site.input in prepared.shapes}  # a plan's MACs without data
+    macs = {name: _macs(root.get_submodule(name), site, prepared.shapes) for name, site in sites.items()}
     report = factorize_(root, config, capture=capture)
-    new = build(model, root, nodes, report, opset)
+    _count_macs(report, root, sites, prepared.shapes, macs)
+    new = build(base, root, sites, report, prepared.shapes, opset)
     if latency_config is not None and report.factorized:
         from edgecompress.latency import keep_faster_records
 
-        layers_ms = [_layers_ms(m, latency_config) for m in (named_like_layers(model, nodes), new)]
+        layers_ms = [_layers_ms(m, latency_config, prepared) for m in (named_like_layers(base, sites), new)]
         if keep_faster_records(report, *layers_ms, latency_config):
-            new = build(model, root, nodes, report, opset)
+            new = build(base, root, sites, report, prepared.shapes, opset)
+    new, note = normalize(new)
+    report.graph = {**prepared.describe(), "written": note, "unread": [{"node": n, "reason": r} for n, r in unread],
+                    "fixed_output": base is prepared.fixed and graph_shapes.is_dynamic(prepared.model)}
     return new, report
 
 
-def _capture(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], calib, opset: int, sequential: bool):
-    """An ``OnnxCapture`` of ``model``'s weight nodes whose ``replace`` splices a layer's chain in."""
-    from edgecompress.capture import OnnxCapture
+def _macs(layer: nn.Module, site: Site, shapes: dict) -> int | None:
+    shape = shapes.get(site.input)
+    if shape is None:
+        return None
+    example = torch.zeros(shape, dtype=torch.int64 if site.node.op_type == "Gather" else torch.float32)
+    return count_macs(layer, [example])[0]
 
-    shapes = tensor_shapes(onnx.shape_inference.infer_shapes(model))
+
+def _count_macs(report: FactorizeReport, root: nn.Module, sites: dict[str, Site], shapes: dict, before: dict) -> None:
+    """Each record's MACs at the analysed input shape, before and after."""
+    for record in report.layers:
+        if record.name in sites:
+            record.macs_before = before[record.name]
+            record.macs_after = (_macs(root.get_submodule(record.name), sites[record.name], shapes)
+                                 if record.method != "dense" else before[record.name])
+
+
+def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, shapes: dict, opset: int, sequential: bool):
+    """An ``OnnxCapture`` of ``model``'s weight layers whose ``replace`` splices a layer's chain in."""
+    from edgecompress.capture import OnnxCapture
 
     def with_chain(proto: onnx.ModelProto, name: str, chain: nn.Module) -> onnx.ModelProto:
         new = onnx.ModelProto()
         new.CopyFrom(proto)
-        node = nodes[name]
-        splice(new, same_node(new, node), name, chain, known_shape(shapes, node), opset)
+        splice(new, sites[name], name, chain, known_shape(shapes, sites[name]), opset)
         return new
 
-    return OnnxCapture(model, {name: activation(node) for name, node in nodes.items()}, calib, with_chain, sequential)
+    return OnnxCapture(model, {name: site.input for name, site in sites.items()}, calib, with_chain, sequential)
 
 
-def _layers_ms(model: onnx.ModelProto, config) -> dict[str, float]:
+def _layers_ms(model: onnx.ModelProto, config, prepared: Prepared) -> dict[str, float]:
     from edgecompress import profile
     from edgecompress.latency import int8_model
 
     if config.precision == "int8":
         model = int8_model(model, config.provider)
-    feeds = calibration.random_samples(model, 1, 0)[0]
+    feeds = calibration.random_samples(prepared.fixed, 1, 0)[0]
     return profile.profile(model, config.provider, config.threads, feeds, config.runs).layers
 
 
-def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeConfig,
+def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeConfig | None,
                            export_config: ExportConfig = ExportConfig(),
                            stage: Callable[[str], None] | None = None, latency_config=None,
-                           calib_path: str | Path | None = None) -> dict[str, Any]:
-    """``edgecompress export model.onnx --method ...``: factorize the file (fitted to the samples at
-    ``calib_path`` when given), simplify, check, measure the output error against the original (on held-out
-    calibration samples, else random inputs), write ``out``; return the report dict."""
+                           calib_path: str | Path | None = None, input_shapes: str | dict | None = None) -> dict[str, Any]:
+    """``edgecompress export model.onnx [--method ...]``: read the file (``prepare``), factorize it (fitted to
+    the samples at ``calib_path`` when given; with ``config`` None, a clean round trip), simplify, check,
+    measure the output error against the original (on held-out calibration samples, else random inputs) and
+    write ``out``, never larger than the input; return the report dict."""
     stage = stage or (lambda _: None)
     start = time.perf_counter()
     io.ensure_writable(out)
@@ -133,39 +183,69 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
         from edgecompress.capture.samples import onnx_calibration
 
         calib = onnx_calibration(original, calib_path)
-    stage("factorize" if latency_config is None else f"factorize, then time each layer on {latency_config.provider}")
-    proto, report = factorize_onnx(original, config, latency_config=latency_config, calib=calib)
+    stage("reading the graph")
+    prepared = prepare(original, input_shapes, calib)
+    report = None
+    if config is None:
+        proto, written = normalize(prepared.model)
+    else:
+        stage("factorize" if latency_config is None else f"factorize, then time each layer on {latency_config.provider}")
+        proto, report = factorize_onnx(prepared, config, latency_config=latency_config, calib=calib)
     simplified = False
     if export_config.simplify:
         stage("simplify")
         proto, simplified = exporters.simplify(proto)
     props = {p.key: p.value for p in proto.metadata_props}
-    onnx.helper.set_model_props(proto, {**props, "edgecompress.method": config.method})
+    onnx.helper.set_model_props(proto, {**props, "edgecompress.method": config.method if config else "none"})
     exporters.check_model(proto)
+    exporters.strip_value_info(proto)
     stage("error against the original")
     if calib is not None:
         samples, inputs = calib.evaluation(), "held-out calibration samples" if calib.held else "calibration samples"
     else:
-        samples, inputs = calibration.random_samples(original, export_config.parity_samples, export_config.seed), "random inputs"
+        samples = calibration.random_samples(prepared.fixed, export_config.parity_samples, export_config.seed)
+        inputs = "random inputs"
     error = {**_output_error(original, proto, samples), "inputs": inputs}
     data = proto.SerializeToString()
+    size = _file_bytes(path, original)
+    notes = []
+    if config is None and len(data) > size:  # nothing folded away: the input is its own clean round trip
+        proto, data = original, original.SerializeToString()
+        error = {**_output_error(original, proto, samples), "inputs": inputs}
+        notes.append("nothing to fold or remove: the file is written as it was read")
+    if len(data) > size:
+        raise ExportError(f"the output would be {len(data)} bytes, larger than the input's {size} (its chains hold "
+                          f"more than the nodes they replace): nothing written; use a higher --ratio, or keep the input")
     io.write_bytes(out, data)
     latency = None
-    if latency_config is not None:
+    if latency_config is not None and report is not None:
         latency = {"kept": [r.name for r in report.factorized], "config": dataclasses.asdict(latency_config),
                    "reverted": [r.name for r in report.layers if r.method == "dense" and "latency" in r.details]}
     params, params_after = exporters.param_count(original), exporters.param_count(proto)
+    graph = report.graph if report is not None else {**prepared.describe(), "written": written, "unread": [],
+                                                     "fixed_output": False}
+    graph = {**graph, "notes": notes}
+    totals = report.totals() if report is not None else {}
+    if totals.get("macs_before") is not None:  # the weight layers' MACs at the analysed shape
+        totals.update(macs_dense=totals["macs_before"], macs=totals["macs_after"])
     return {
-        "model": str(path), "source": "onnx", "method": config.method, "layers": [r.to_dict() for r in report.layers],
-        "totals": {**report.totals(), "params": params_after, "params_dense": params},
-        "onnx": {"path": str(out), "bytes": len(data), "opset": opset_of(proto), "simplified": simplified,
-                 "nodes": len(proto.graph.node), "op_counts": exporters.op_counts(proto),
+        "model": str(path), "source": "onnx", "method": config.method if config else None,
+        "layers": [r.to_dict() for r in report.layers] if report else [],
+        "totals": {**totals, "params": params_after, "params_dense": params},
+        "onnx": {"path": str(out), "bytes": len(data), "bytes_input": size, "opset": opset_of(proto),
+                 "simplified": simplified, "nodes": len(proto.graph.node), "op_counts": exporters.op_counts(proto),
                  "seconds": round(time.perf_counter() - start, 3)},
+        "graph": graph,
         "error_vs_dense": error,
         **({"calibration": calib.describe()} if calib is not None else {}),
         **({"latency": latency} if latency else {}),
-        **plan_report(report),
+        **(plan_report(report) if report is not None else {}),
     }
+
+
+def _file_bytes(path: str | Path, model: onnx.ModelProto) -> int:
+    """The input's size: on disk, or in memory with its external data loaded, whichever is more."""
+    return max(Path(path).stat().st_size, model.ByteSize())
 
 
 def _output_error(original: onnx.ModelProto, factorized: onnx.ModelProto, samples: list[dict]) -> dict[str, float]:

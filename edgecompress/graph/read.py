@@ -1,11 +1,14 @@
 """Reading an ONNX graph's weight layers: each Conv, Gemm, MatMul or Gather node with constant weights becomes
 the torch layer it computes (Conv1d/Conv2d from its attributes, Linear from its weight, Embedding from a
 Gather's table), placed in a stand-in module tree named after the nodes (``features.4/Conv`` -> layer
-``features.4``), so that ``factorize_`` runs on it as on a PyTorch model.
+``features.4``), so that ``factorize_`` runs on it as on a PyTorch model. A MatMul whose bias is added by the
+next node (torch.onnx writes ``MatMul`` + ``Add`` for a Linear on 3-D input) is read as one Linear with bias.
+The graph is read after ``normalize``: its weights are initializers and BatchNormalization is folded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -43,6 +46,79 @@ def constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return constants
 
 
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where a layer sits in the graph: its weight node, and the Add of its bias when that is a node of its own."""
+
+    node: onnx.NodeProto
+    bias_add: onnx.NodeProto | None = None
+
+    @property
+    def input(self) -> str:
+        return activation(self.node)
+
+    @property
+    def output(self) -> str:
+        return (self.bias_add or self.node).output[0]
+
+    @property
+    def nodes(self) -> tuple[onnx.NodeProto, ...]:
+        return (self.node,) if self.bias_add is None else (self.node, self.bias_add)
+
+
+def read_layers(model: onnx.ModelProto) -> tuple[nn.Module, dict[str, Site], list[tuple[str, str]]]:
+    """The stand-in module tree of ``model``'s weight layers, where each sits, and the weight nodes that could
+    not be read, with the reason (they stay as they are)."""
+    weights, root, sites, unread = constants(model), nn.Module(), {}, []
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        bias_add = _bias_add(node, weights, consumers, outputs)
+        layer = as_layer(node, weights, None if bias_add is None else _bias_of(bias_add, node, weights))
+        if layer is not None:
+            sites[place(root, layer_name(node), layer)] = Site(node, bias_add)
+        elif node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in weights:
+            unread.append((node.name or node.output[0], _why_unread(node, weights)))
+    return root, sites, unread
+
+
+def _bias_add(node, weights, consumers, outputs) -> onnx.NodeProto | None:
+    """The Add that adds a constant vector to a MatMul's output, when it is that output's only use."""
+    if node.op_type != "MatMul" or node.input[1] not in weights or node.output[0] in outputs:
+        return None
+    users = consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    return users[0] if _bias_of(users[0], node, weights) is not None else None
+
+
+def _bias_of(add: onnx.NodeProto, node: onnx.NodeProto, weights: dict) -> np.ndarray | None:
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    bias = _array(weights, other)
+    width = weights[node.input[1]].dims[-1]
+    if bias is None or bias.size != width or bias.shape[-1] != width:
+        return None
+    return bias.reshape(-1)
+
+
+def _why_unread(node: onnx.NodeProto, weights: dict) -> str:
+    a = _attrs(node)
+    if weights[node.input[1]].data_type != onnx.TensorProto.FLOAT:
+        return "its weight is not float32"
+    if node.op_type == "Conv":
+        dims = len(weights[node.input[1]].dims) - 2
+        pads = list(a.get("pads", [0] * 2 * dims))
+        if pads[:dims] != pads[dims:]:
+            return f"asymmetric padding {pads}"
+        return "a Conv that is not 1-D or 2-D" if dims not in (1, 2) else "a computed bias"
+    if node.op_type == "Gemm" and a.get("transA", 0):
+        return "Gemm with transA"
+    return "its bias is not a constant vector" if len(node.input) > 2 else "its weight is not a matrix"
+
+
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -56,8 +132,9 @@ def activation(node: onnx.NodeProto) -> str:
     return node.input[1] if node.op_type == "Gather" else node.input[0]
 
 
-def as_layer(node: onnx.NodeProto, inits: dict) -> nn.Module | None:
-    """The torch layer ``node`` computes, or None when it is not a weight layer this can rebuild."""
+def as_layer(node: onnx.NodeProto, inits: dict, added_bias: np.ndarray | None = None) -> nn.Module | None:
+    """The torch layer ``node`` computes (with ``added_bias``: a MatMul and the Add after it), or None when it
+    is not a weight layer this can rebuild."""
     if node.op_type == "Gather":
         return _embedding(node, inits)
     if len(node.input) < 2 or node.input[1] not in inits or inits[node.input[1]].data_type != onnx.TensorProto.FLOAT:
@@ -77,7 +154,7 @@ def as_layer(node: onnx.NodeProto, inits: dict) -> nn.Module | None:
             return None  # a bias broadcast over rows: not a Linear's
         return _linear(weight, None if bias is None else bias * a.get("beta", 1.0))
     if node.op_type == "MatMul" and weight.ndim == 2:
-        return _linear(weight.T, None)
+        return _linear(weight.T, added_bias)
     return None
 
 

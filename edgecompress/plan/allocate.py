@@ -175,7 +175,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     kinds = [kind for kind, _ in config.targets]
     if {"macs", "latency"} & set(kinds) and any(samples.get(name) is None for name, _ in layers):
         raise ConfigError(f"a {' and '.join(k for k in kinds if k != 'params')} target needs the layers' input "
-                          "shapes: give --calib data (or, for a PyTorch model, --input-shape)")
+                          "shapes: give --calib data or --input-shape")
     timing = _timing(config) if "latency" in kinds else None
     if timing is not None and inputs is None:
         raise ConfigError("a latency target is measured on the whole model: it needs a PyTorch model for now "
@@ -292,8 +292,10 @@ def _samples(model, layers, capture, inputs) -> dict[str, torch.Tensor | None]:
             batch = (dense.held_dense or dense.dense)[0]
             out[name] = batch[:1]
         return out
-    if inputs is None:
-        return {}
+    if inputs is None:  # an ONNX file's layers carry their inputs' shapes
+        shapes = getattr(model, "layer_input_shapes", {})
+        return {name: torch.zeros(shapes[name], dtype=torch.int64 if isinstance(layer, nn.Embedding) else torch.float32)
+                for name, layer in layers if name in shapes}
     from edgecompress.capture.torch_capture import catch_inputs
 
     caught = catch_inputs(model, [name for name, _ in layers], inputs[0][:1], stop=False)

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgecompress import calibration, runtime
 from edgecompress.cli import main
 from edgecompress.errors import ConfigError
-from edgecompress.export import export
+from edgecompress.exporters import foreign_ops
+from edgecompress.export import ExportConfig, export
 from edgecompress.factorize import FactorizeConfig
 from edgecompress.loading import InputSpec, LoadedModel
 from edgecompress.graph import export_factorized_onnx, factorize_onnx
@@ -91,10 +92,19 @@ def test_gemm_alpha_beta_and_untransposed_weight_are_folded(tmp_path):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_tt_is_refused_with_the_reason():
-    model = onnx.load_from_string(b"")  # never reached: the method is checked first
-    with pytest.raises(ConfigError, match="TT chains bake the input shape"):
-        factorize_onnx(model, FactorizeConfig(method="tt", ratio=4))
+def test_tt_factorizes_an_onnx_file_at_its_fixed_shape(tmp_path):
+    """TT chains bake the input shape in: on a file with a dynamic batch the written file is fixed, and says so."""
+    dense, out = tmp_path / "dense.onnx", tmp_path / "tt.onnx"
+    export("cifar_conv", dense, ExportConfig(dynamic_batch=True))
+    report = export_factorized_onnx(dense, out, FactorizeConfig(method="tt", ratio=4, min_params=4096))
+    assert report["graph"]["fixed_output"] is True and report["graph"]["analysed_at"] == {"input": [1, 3, 32, 32]}
+    model = onnx.load(str(out))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
+    chains = [n for n in model.graph.node if "/tt/" in n.name]
+    assert chains and not foreign_ops(chains)
+    assert report["totals"]["params_dense"] / report["totals"]["params"] > 2
+    assert report["totals"]["macs"] > 0 and report["totals"]["macs_dense"] > 0  # TT is for size: often more MACs
+    assert 0 < report["error_vs_dense"]["rel_error"] < 1
 
 
 def test_cli_exports_an_onnx_file_and_refuses_what_does_not_apply(tmp_path):
@@ -109,8 +119,9 @@ def test_cli_exports_an_onnx_file_and_refuses_what_does_not_apply(tmp_path):
     assert report["source"] == "onnx" and report["onnx"]["bytes"] == out.stat().st_size
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["edgecompress.model"] == "cifar_conv" and props["edgecompress.method"] == "tucker"  # quantize reads them
-    for args, message in (([], "give --method"),
-                          (["--method", "svd", "--weights", str(dense)], "--weights cannot be used with an ONNX file")):
+    for args, message in ((["--method", "svd", "--weights", str(dense)], "--weights cannot be used with an ONNX file"),
+                          (["--method", "svd", "--input-shape", "1x3x16"], "does not fit input 'input'"),
+                          (["--method", "svd", "--input-shape", "2x3x32x32"], "dim 0 is fixed at 1")):
         target = tmp_path / "refused.onnx"
         result = runner.invoke(main, ["export", str(dense), *args, "-o", str(target)])
         assert result.exit_code == 2, result.output
@@ -196,7 +207,7 @@ def test_run_on_an_onnx_file_gives_the_report_of_the_pytorch_path(tmp_path):
     tucker = by_name["tucker-x4"]
     assert tucker.status == "ok" and tucker.compression > 4 and tucker.accuracy > 0.9
     assert by_name["tucker-x4-int8"].status == "ok" and by_name["tucker-x4-int8"].sqnr_db is not None
-    assert by_name["tt-x4"].status == "failed" and "cannot factorize an ONNX file" in by_name["tt-x4"].error
+    assert by_name["tt-x4"].status == "ok" and by_name["tt-x4"].compression > 2  # TT at the file's fixed shape
     assert any("fine-tuning skipped" in note for note in report.notes)
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "tucker-x4-int8.onnx").is_file()
 
