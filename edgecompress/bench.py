@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgecompress import profile as prof
 from edgecompress import io, runtime
+from edgecompress import profile as prof
 from edgecompress.errors import ConfigError, LoadError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class BenchConfig:
     seed: int = 0
     sequential: bool = True
     spinning: bool = False
+    input_shape: str | None = None  # fixes an ONNX file's dynamic dims: 1x3x224x224, or name=SHAPE,...
 
     def __post_init__(self):
         if not self.threads or any(int(t) < 1 for t in self.threads):
@@ -119,6 +120,10 @@ def bench(models: Sequence[str | Path], config: BenchConfig = BenchConfig(), pro
 
 def _load(path: str | Path, config: BenchConfig) -> _Model:
     proto = runtime.load_onnx(path)
+    if config.input_shape:  # every file is timed at this shape; the batch is the shape's first dim
+        from edgecompress.graph.shapes import fixed, parse_input_shapes
+
+        proto = fixed(proto, parse_input_shapes(config.input_shape, proto))
     batch = _set_batch(proto, config.batch, str(path))
     params = sum(_tensor_bytes(t) for t in proto.graph.initializer)
     feeds = _random_feeds(proto, batch, config.seed)

@@ -101,6 +101,9 @@ def export(
     metadata = {"edgecompress.model": loaded.name} if loaded.name in list_models() else {}
     if factorize_config is not None:
         metadata["edgecompress.method"] = factorize_config.method
+    vocab = next((m.num_embeddings for m in dense.modules() if isinstance(m, nn.Embedding)), None)
+    if loaded.input_spec.dtype == "int64" and vocab:  # the ids' range, for random ids once the table is a TT chain
+        metadata["edgecompress.vocab.input_ids"] = str(vocab)  # the name export_onnx gives an id input
     result = export_module(target, loaded.input_spec, out, config, samples, stage, metadata)
     report["onnx"] = result["onnx"]
     report["parity"] = result["parity"]

@@ -47,6 +47,7 @@ class ProfileResult:
     attributed_fraction: float
     unattributed: dict[str, float]
     cpu_fallback_ops: dict[str, int]
+    op_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # time per op type (QLinearConv, HardSwish)
 
     @property
     def placement_fraction(self) -> float:
@@ -114,6 +115,7 @@ def attribute(model: onnx.ModelProto, events: list[dict], provider: str, runs: i
     unattributed: dict[str, float] = defaultdict(float)
     placement: dict[str, str] = {}
     total = 0.0
+    op_ms: dict[str, float] = defaultdict(float)
     for event in kernels:
         name = event["name"][: -len("_kernel_time")]
         args = event.get("args", {})
@@ -122,6 +124,7 @@ def attribute(model: onnx.ModelProto, events: list[dict], provider: str, runs: i
             continue
         ms = event["dur"] / 1000.0 / max(runs, 1)
         total += ms
+        op_ms[args.get("op_name", "?")] += ms
         node = resolver.node_for(name, args.get("op_name", ""))
         layer = _layer_of(node.name) if node is not None else None
         if layer is None:
@@ -131,7 +134,8 @@ def attribute(model: onnx.ModelProto, events: list[dict], provider: str, runs: i
     on_provider = sum(1 for where in placement.values() if where == provider)
     attributed = sum(layers.values())
     return ProfileResult(provider, len(placement), on_provider, total, dict(layers),
-                         attributed / total if total else 0.0, dict(unattributed), _fallback_by_op(kernels, provider))
+                         attributed / total if total else 0.0, dict(unattributed), _fallback_by_op(kernels, provider),
+                         dict(sorted(op_ms.items(), key=lambda kv: -kv[1])))
 
 
 def _fallback_by_op(kernels: list[dict], provider: str) -> dict[str, int]:

@@ -192,9 +192,15 @@ def cpu_kernels(quantized: onnx.ModelProto) -> dict:
     constants = {i.name for i in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
     integer = Counter(n.op_type for n in graph.node if n.op_type.startswith(INTEGER_KERNEL_PREFIXES))
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constants for o in n.output}
+    islands = Counter(n.op_type for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                      and not n.op_type.startswith(INTEGER_KERNEL_PREFIXES) and set(n.input) & dequantized)
     return {"integer": dict(sorted(integer.items())),
             "float_weight_ops": [n.name for n in graph.node
-                                 if n.op_type in _FLOAT_WEIGHT_KERNELS and len(n.input) > 1 and n.input[1] in constants]}
+                                 if n.op_type in _FLOAT_WEIGHT_KERNELS and len(n.input) > 1 and n.input[1] in constants],
+            # ops that read a dequantized activation: they run in float between a DequantizeLinear and the next
+            # QuantizeLinear (HardSwish, BatchNormalization on the CPU EP), paying both conversions
+            "float_islands": dict(sorted(islands.items()))}
 
 
 def coverage(fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:

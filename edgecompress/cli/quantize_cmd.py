@@ -8,7 +8,14 @@ from rich.table import Table
 from edgecompress import io
 from edgecompress.cli._options import console, err_console, fmt_bytes
 from edgecompress.errors import ConfigError
-from edgecompress.quantize import CALIB_METHODS, FORMATS, MODES, TARGETS, QuantizeConfig, quantize
+from edgecompress.quantize import (
+    CALIB_METHODS,
+    FORMATS,
+    MODES,
+    TARGETS,
+    QuantizeConfig,
+    quantize,
+)
 
 
 @click.command("quantize")
@@ -33,11 +40,15 @@ from edgecompress.quantize import CALIB_METHODS, FORMATS, MODES, TARGETS, Quanti
 @click.option("--activations", type=click.Choice(["uint8", "int8"]), default=None,
               help="Static mode: activation type. Default: uint8 on cpu and mobile (2.5x faster than int8 on x86, "
                    "docs/quantize.md), int8 on cuda.")
+@click.option("--input-shape", default=None, metavar="SHAPE",
+              help="Fix the file's dynamic dims for random samples and the speed check: 1x3x224x224, or name=SHAPE,...")
+@click.option("--no-speed-check", is_flag=True,
+              help="Skip timing the int8 file against the input (1 CPU thread; it warns when int8 is slower).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 def command(model, int8, out, mode, target, calib, calib_samples, eval_samples, calib_method, per_channel, fmt, exclude,
-            balance, no_compare_balance, random_calib, zoo_model, fp32_threshold, dynamic_conv, activations, seed,
-            report_path):
+            balance, no_compare_balance, random_calib, zoo_model, fp32_threshold, dynamic_conv, activations, input_shape,
+            no_speed_check, seed, report_path):
     """Quantize the ONNX model MODEL to int8 and report what it cost (SQNR, top-1 agreement, worst layers)."""
     if not int8:
         raise ConfigError("quantize needs --int8 (the only precision supported)")
@@ -45,7 +56,8 @@ def command(model, int8, out, mode, target, calib, calib_samples, eval_samples, 
                             calib_method=calib_method, per_channel=per_channel, format=fmt, exclude=tuple(exclude),
                             target=target, balance=balance, compare_balance=not no_compare_balance,
                             random_calib=random_calib, zoo_model=zoo_model, fp32_threshold=fp32_threshold,
-                            dynamic_conv=dynamic_conv, activations=activations, seed=seed)
+                            dynamic_conv=dynamic_conv, activations=activations, seed=seed, input_shape=input_shape,
+                            check_speed=not no_speed_check)
     if report_path:
         io.ensure_writable(report_path)
     with err_console.status("loading") as status:
@@ -84,6 +96,12 @@ def _print_summary(report: dict) -> None:
         table.add_row("balancing", f"{'applied' if bal['applied'] else 'not applied'} ({bal['chains']} chains; {figures})")
     if report["fp32_layers"]:
         table.add_row("left in fp32", ", ".join(report["fp32_layers"]))
+    if report.get("speed"):
+        speed = report["speed"]
+        table.add_row("speed vs input (1 CPU thread)", f"{speed['fp32_ms']:.2f} -> {speed['int8_ms']:.2f} ms ({speed['speedup']:.2f}x)")
+    islands = (report.get("cpu_kernels") or {}).get("float_islands")
+    if islands:
+        table.add_row("float between Q/DQ", ", ".join(f"{op} x{n}" for op, n in islands.items()))
     console.print(table)
     worst = Table(title="worst layers (error added by the layer)")
     for col in ("layer", "op", "added rel. error", "SQNR at output"):

@@ -55,3 +55,22 @@ def test_dynamic_accuracy_is_reported(dynamic):
     assert report["sqnr_db"] > 20 and report["top1_agreement"] is not None
     # a zoo export carries its zoo name: accuracy is measured on the model's own held-out sample inputs
     assert "zoo model" in report["calibration"]["source"]
+
+
+def test_a_tt_text_classifier_needs_no_calibration(tmp_path):
+    """Its token table is a TT chain, so no Gather reads the ids from a table: the id range comes from the
+    file's metadata (written at export), and dynamic int8 needs no --calib."""
+    fp32_path, int8_path = tmp_path / "tt.onnx", tmp_path / "tt.int8.onnx"
+    export("text_classifier", fp32_path, factorize_config=FactorizeConfig(method="tt", ratio=4, min_params=0))
+    fp32 = onnx.load(str(fp32_path))
+    props = {p.key: p.value for p in fp32.metadata_props}
+    assert props["edgecompress.vocab.input_ids"] == "8192"
+    del fp32.metadata_props[:]  # no zoo name: quantize cannot calibrate on the zoo's samples
+    onnx.helper.set_model_props(fp32, {"edgecompress.vocab.input_ids": "8192"})
+    onnx.save(fp32, str(fp32_path))
+    inits = {i.name for i in fp32.graph.initializer}
+    assert not any(n.op_type == "Gather" and n.input[1] == "input_ids" and n.input[0] in inits for n in fp32.graph.node)
+    report = quantize(fp32_path, int8_path, QuantizeConfig(mode="dynamic", eval_samples=2))
+    linear = [n for n in qgraph.weight_nodes(fp32) if n.op_type in ("MatMul", "Gemm")]
+    assert report["op_counts"].get("MatMulInteger", 0) == len(linear) > 0
+    assert report["sqnr_db"] > 20 and "random inputs" in report["calibration"]["notes"][0]
