@@ -29,6 +29,7 @@ from _common import command_line, machine_info  # noqa: E402
 
 def main() -> None:
     from edgecompress.bench import BenchConfig, bench
+    from edgecompress.errors import EdgeCompressError
     from edgecompress.factorize import FactorizeConfig
     from edgecompress.graph import export_factorized_onnx
     from edgecompress.models.onnx_corpus import CORPUS, corpus_file
@@ -63,12 +64,15 @@ def main() -> None:
 
                 calib = tmp / "pages.npz"
                 np.savez(calib, x=render_pages(80, seed=5)[0])
-            q = quantize(path, tmp / f"{name}.int8.onnx", QuantizeConfig(calib=str(calib) if calib else None,
-                                                                         calib_samples=64, eval_samples=16,
-                                                                         input_shape=shape))
-            row["int8"] = {"mode": q["mode"], "speed": q["speed"], "top1_agreement": q["top1_agreement"],
-                           "sqnr_db": q["sqnr_db"], "float_islands": (q["cpu_kernels"] or {}).get("float_islands"),
-                           "warnings": q["warnings"]}
+            try:
+                q = quantize(path, tmp / f"{name}.int8.onnx", QuantizeConfig(calib=str(calib) if calib else None,
+                                                                             calib_samples=64, eval_samples=16,
+                                                                             input_shape=shape))
+                row["int8"] = {"mode": q["mode"], "speed": q["speed"], "top1_agreement": q["top1_agreement"],
+                               "sqnr_db": q["sqnr_db"], "float_islands": (q["cpu_kernels"] or {}).get("float_islands"),
+                               "warnings": q["warnings"]}
+            except EdgeCompressError as exc:
+                row["int8"] = {"error": str(exc)}
             rows.append(row)
     result = {"command": command_line(), "machine": machine_info(), "seconds": round(time.perf_counter() - start, 1),
               "files": rows}
@@ -103,6 +107,9 @@ def to_markdown(result: dict) -> str:
               "| file | mode | fp32 ms | int8 ms | speedup | top-1 agreement | float ops between Q/DQ |", "|---|---|---|---|---|---|---|"]
     for row in result["files"]:
         q = row["int8"]
+        if "error" in q:
+            lines.append(f"| `{row['name']}` | failed: {q['error'][:160]} | | | | | |")
+            continue
         speed = q["speed"] or {}
         agree = "-" if q["top1_agreement"] is None else f"{100 * q['top1_agreement']:.1f}%"
         islands = ", ".join(f"{k} x{v}" for k, v in (q["float_islands"] or {}).items()) or "-"

@@ -124,7 +124,9 @@ def _load(path: str | Path, config: BenchConfig) -> _Model:
         from edgecompress.graph.shapes import fixed, parse_input_shapes
 
         proto = fixed(proto, parse_input_shapes(config.input_shape, proto))
-    batch = _set_batch(proto, config.batch, str(path))
+        batch = _graph_inputs(proto)[0].type.tensor_type.shape.dim[0].dim_value or 1  # other inputs may batch elsewhere
+    else:
+        batch = _set_batch(proto, config.batch, str(path))
     params = sum(_tensor_bytes(t) for t in proto.graph.initializer)
     feeds = _random_feeds(proto, batch, config.seed)
     return _Model(str(path), Path(path).stem, proto, Path(path).stat().st_size, params, batch, feeds)

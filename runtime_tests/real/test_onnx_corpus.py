@@ -148,3 +148,16 @@ def test_bad_onnx_inputs_get_one_line_and_no_file(cli, corpus, tmp_path):
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
         assert not out.exists()
+
+
+def test_run_takes_a_real_file_with_dynamic_dims(cli, corpus, tmp_path):
+    """PaddleOCR's opset-11 classifier with a dynamic height and width: every variant builds, int8 included
+    (quantize converts it to opset 13 first: per-channel DequantizeLinear needs its axis)."""
+    path, shape = corpus("paddle-ocr-cls")
+    result = cli("run", path, "--input-shape", shape, "--methods", "tucker", "--ratio", "2", "--no-plan",
+                 "--bench-runs", "2", "--threads", "1", "-o", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    variants = {v["name"]: v for v in json.loads((tmp_path / "run" / "report.json").read_text())["variants"]}
+    assert set(variants) == {"dense", "dense-int8", "tucker-x2", "tucker-x2-int8"}
+    assert all(v["status"] == "ok" for v in variants.values()), [v.get("error") for v in variants.values()]
+    assert variants["tucker-x2"]["size_bytes"] < variants["dense"]["size_bytes"]
