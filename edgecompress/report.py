@@ -198,6 +198,18 @@ def plan_line(v: Variant) -> str:
     return line + (f" Note: {plan['note']}" if plan.get("note") else "")
 
 
+def finetune_rows(v: Variant) -> tuple[str, list[str], list[list[str]]]:
+    """The fine-tuning of ``v``: a line (the loss and why, the epoch kept) and its per-epoch table."""
+    f = v.finetune
+    line = (f"Fine-tuning of {v.name}: loss {f['loss_kind']} ({f['loss_reason']}), feature term weight "
+            f"{f['feature_weight']:g}, BatchNorm {f['batchnorm']}, {f['seconds']:.1f} s"
+            + (f"; kept epoch {f['kept_epoch']}" if "kept_epoch" in f else "") + (f". {f['note']}" if f.get("note") else "") + ".")
+    header = ["epoch", "loss", "output term", "feature term", "held-out score (agreement, or minus the output loss)"]
+    rows = [[str(e["epoch"]), *(f"{e[k]:.4g}" if k in e else "-" for k in ("loss", "output", "feature", "score"))]
+            for e in f["epochs"]]
+    return line, header, rows
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
@@ -239,6 +251,9 @@ def to_markdown(report: Report) -> str:
     for v in report.variants:
         if v.layers and not v.int8 and v.status == "ok":
             lines += ["", f"## Layers of {v.name}", ""] + ([plan_line(v), ""] if v.plan else []) + _md_table(*layer_rows(v))
+        if v.finetune and v.finetune.get("epochs") and not v.int8:
+            line, header, rows = finetune_rows(v)
+            lines += ["", line, ""] + _md_table(header, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -271,6 +286,9 @@ def to_html(report: Report) -> str:
         if v.layers and not v.int8 and v.status == "ok":
             parts += [f"<h2>Layers of {html.escape(v.name)}</h2>", *([f"<p>{html.escape(plan_line(v))}</p>"] if v.plan else []),
                       _html_table(*layer_rows(v))]
+        if v.finetune and v.finetune.get("epochs") and not v.int8:
+            line, header, rows = finetune_rows(v)
+            parts += [f"<p>{html.escape(line)}</p>", _html_table(header, rows)]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

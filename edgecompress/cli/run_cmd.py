@@ -49,6 +49,11 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--threads", default="1,2", show_default=True, help="Thread counts to time, comma-separated, e.g. 1,2.")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Distil each factorized model from the dense one for N epochs before export.")
+@click.option("--finetune-minutes", type=float, default=None,
+              help="A time budget per variant for fine-tuning, besides --finetune-epochs.")
+@click.option("--distill-loss", type=click.Choice(["kl", "bce", "mse"]), default=None,
+              help="The distillation loss on the outputs. Default: from the output: kl for logits or "
+                   "log-probabilities, bce for sigmoid probabilities, mse for regression.")
 @click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed rounds in the interleaved bench.")
 @click.option("--profile", is_flag=True, help="Profile each variant to time every layer (slower).")
 @click.option("--min-params", type=int, default=pipeline.RunConfig.min_params, show_default=True,
@@ -66,7 +71,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
-            finetune_epochs, bench_runs, profile, min_params, data_free, keep_faster, targets, no_plan, max_drop):
+            finetune_epochs, finetune_minutes, distill_loss, bench_runs, profile, min_params, data_free, keep_faster,
+            targets, no_plan, max_drop):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
     MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
@@ -82,7 +88,7 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
     config = pipeline.RunConfig(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
         ratios=ratios, int8=int8, provider=provider, threads=_ints(threads, "--threads"),
-        finetune_epochs=finetune_epochs, bench_runs=bench_runs, profile=profile, min_params=min_params,
+        finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, distill_loss=distill_loss, bench_runs=bench_runs, profile=profile, min_params=min_params,
         data_free=data_free, keep_faster=keep_faster, targets=planned, max_drop=max_drop)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from edgecompress.errors import ConfigError
-from edgecompress.finetune import FinetuneConfig, distill, distill_, distillation_loss, tensor_loader
+from edgecompress.finetune import FinetuneConfig, check_loss, distill, distill_, distillation_loss, output_kind, tensor_loader
 
 
 def _teacher_and_student():
@@ -42,7 +42,7 @@ def test_loader_of_plain_tensors_is_accepted():
     teacher, student = _teacher_and_student()
     batches = [torch.randn(8, 16) for _ in range(4)]
     history = distill_(student, teacher, batches, FinetuneConfig(epochs=1))
-    assert history["epochs"] == 1
+    assert len(history["epochs"]) == 1 and history["loss_kind"] == "kl"
 
 
 def test_loss_is_zero_for_identical_logits_without_labels():
@@ -51,7 +51,8 @@ def test_loss_is_zero_for_identical_logits_without_labels():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("epochs", -1, "epochs"), ("lr", 0, "learning rate"), ("temperature", 0, "temperature"), ("alpha", 1.5, "alpha")])
+    ("epochs", -1, "epochs"), ("lr", 0, "learning rate"), ("temperature", 0, "temperature"), ("alpha", 1.5, "alpha"),
+    ("minutes", 0, "time budget"), ("loss", "hinge", "unknown distillation loss"), ("feature_weight", -1, "feature")])
 def test_bad_config_is_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         FinetuneConfig(**{field: value})
@@ -63,3 +64,50 @@ def test_empty_loader_and_bad_batches_are_refused():
         distill_(student, teacher, [], FinetuneConfig(epochs=1))
     with pytest.raises(ConfigError, match="must be x"):
         distill_(student, teacher, [(torch.randn(2, 16),) * 3], FinetuneConfig(epochs=1))
+
+
+def test_the_loss_is_chosen_from_the_output():
+    torch.manual_seed(0)
+    logits = torch.randn(32, 10)
+    assert output_kind(logits)[0] == "kl"
+    assert output_kind(logits.softmax(-1))[0] == "kl" and output_kind(logits.log_softmax(-1))[0] == "kl"
+    assert output_kind(torch.randn(32, 1))[0] == "mse"
+    multilabel = (torch.rand(32, 6) > 0.5).float() * 0.9 + 0.05  # several labels on at once
+    assert output_kind(multilabel)[0] == "bce"
+    bins = torch.arange(360.0)
+    peaks = torch.randint(20, 340, (32, 1)).float()
+    binned = torch.exp(-((bins - peaks) / 3) ** 2) * 0.9  # CREPE-like: one blurred peak over 360 sigmoid bins
+    kind, why = output_kind(binned)
+    assert kind == "kl" and "binned regression" in why
+
+
+def test_a_loss_that_cannot_apply_is_refused():
+    with pytest.raises(ConfigError, match="bce needs probabilities"):
+        check_loss("bce", torch.randn(4, 10))
+    with pytest.raises(ConfigError, match="needs float scores"):
+        check_loss("kl", torch.ones(4, 3, dtype=torch.int64))
+    check_loss("mse", torch.randn(4, 1))
+
+
+def test_the_best_held_out_epoch_is_kept_and_batchnorm_is_frozen():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    student = copy.deepcopy(teacher)
+    stats = teacher[1].running_mean.clone()
+    scores = iter([0.9, 0.5, 0.4, 0.3])  # every epoch scores below the model before fine-tuning
+    history = distill_(student, teacher, tensor_loader(torch.randn(64, 16) * 3, None, 16),
+                       FinetuneConfig(epochs=3, lr=1e-2), evaluate=lambda _: next(scores))
+    assert history["kept_epoch"] == 0 and "before fine-tuning" in history["note"]
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]  # stopped after 2 epochs without a better score
+    assert torch.equal(student[1].running_mean, stats) and history["batchnorm"] == "frozen"
+    assert torch.allclose(student[0].weight, teacher[0].weight)  # the kept state is the one before training
+
+
+def test_the_feature_term_reads_each_factorized_layer():
+    from edgecompress.factorize import FactorizeConfig, factorize
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    student, _ = factorize(teacher, FactorizeConfig(method="svd", rank=8, min_outputs=0))
+    history = distill_(student, teacher, tensor_loader(torch.randn(64, 64), None, 16), FinetuneConfig(epochs=1))
+    assert history["epochs"][0]["feature"] > 0 and history["feature_weight"] == 0.1
