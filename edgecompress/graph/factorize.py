@@ -65,6 +65,7 @@ def prepare(model: onnx.ModelProto, input_shapes: str | dict | None = None, cali
     normalized, note = normalize(model, fold_batchnorm=False)  # folded into the written file (normalize's docstring)
     if isinstance(input_shapes, str) or input_shapes is None:
         input_shapes = graph_shapes.parse_input_shapes(input_shapes, normalized)
+    input_shapes = dict(input_shapes)  # the calibration data's shapes join the given ones
     if calib is not None:
         sample = (calib.fit or calib.held)[0]
         for name, array in sample.items():
