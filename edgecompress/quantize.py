@@ -37,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from edgecompress import accuracy, calibration, equalize, io, qgraph, runtime
@@ -301,25 +300,16 @@ def _fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     return model, "; ".join(notes) or "nothing to fold"
 
 
-def speed_check(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict, rounds: int = 15) -> dict[str, Any]:
-    """The int8 file against its input on the CPU EP at 1 thread, batch as in ``feed``: interleaved rounds,
-    medians, and the int8 file's time per op type (onnxruntime's profiler)."""
+def speed_check(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict) -> dict[str, Any]:
+    """The int8 file against its input on the CPU EP at 1 thread, batch as in ``feed``: the plan's interleaved
+    timing (medians of 15 rounds), and the int8 file's time per op type (onnxruntime's profiler)."""
     from edgecompress import profile
+    from edgecompress.plan.timing import ROUNDS, interleaved_ms
 
-    sessions = [runtime.make_session(m, "cpu", 1) for m in (fp32, int8)]
-    for session in sessions:
-        for _ in range(3):
-            session.run(None, feed)
-    times: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for k, session in enumerate(sessions):
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            times[k].append((time.perf_counter() - t0) * 1000)
-    fp32_ms, int8_ms = (float(np.median(t)) for t in times)
+    fp32_ms, int8_ms = interleaved_ms([fp32, int8], [feed, feed], "cpu", 1)
     ops = profile.profile(int8, "cpu", 1, feed, runs=5).op_ms
     return {"fp32_ms": round(fp32_ms, 4), "int8_ms": round(int8_ms, 4), "speedup": round(fp32_ms / int8_ms, 4),
-            "threads": 1, "rounds": rounds, "int8_op_ms": {k: round(v, 4) for k, v in ops.items()}}
+            "threads": 1, "rounds": ROUNDS, "int8_op_ms": {k: round(v, 4) for k, v in ops.items()}}
 
 
 def _zoo_source(zoo: str) -> str:

@@ -72,9 +72,10 @@ def _onnx(module: nn.Module, samples: list[torch.Tensor], config) -> onnx.ModelP
     return proto
 
 
-def _interleaved(protos: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray]], config) -> list[float]:
+def interleaved_ms(protos: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray]], provider: str,
+                   threads: int) -> list[float]:
     """Median ms of each model over ``ROUNDS`` rounds that run every model once, in turn."""
-    sessions = [runtime.make_session(p, config.provider, config.threads) for p in protos]
+    sessions = [runtime.make_session(p, provider, threads) for p in protos]
     times: list[list[float]] = [[] for _ in sessions]
     for round_ in range(WARMUP + ROUNDS):
         for k, (session, feed) in enumerate(zip(sessions, feeds)):
@@ -93,7 +94,7 @@ def time_layers(modules: list[nn.Module], sample: torch.Tensor, config) -> list[
     todo = [k for k, key in enumerate(keys) if key not in cache]
     if todo:
         feed = [{p.graph.input[0].name: sample.numpy()} for p in protos]
-        for k, ms in zip(todo, _interleaved([protos[k] for k in todo], [feed[k] for k in todo], config)):
+        for k, ms in zip(todo, interleaved_ms([protos[k] for k in todo], [feed[k] for k in todo], config.provider, config.threads)):
             cache[keys[k]] = ms
         _save_cache(cache)
     return [cache[key] for key in keys]
@@ -104,4 +105,4 @@ def time_models(modules: list[nn.Module], inputs: list[torch.Tensor], config) ->
     sample = [x[:1] for x in inputs]
     protos = [_onnx(m, sample, config) for m in modules]
     feeds = [{i.name: x.numpy() for i, x in zip(p.graph.input, sample)} for p in protos]
-    return _interleaved(protos, feeds, config)
+    return interleaved_ms(protos, feeds, config.provider, config.threads)
