@@ -606,5 +606,6 @@ def quantize_int8(in_path: str | Path, out_path: str | Path, calib: np.ndarray, 
         calib_file = Path(tmp) / "calib.npz"
         np.savez(calib_file, **{name: calib})
         config = QuantizeConfig(calib=str(calib_file), calib_samples=max(1, len(calib) - eval_samples),
-                                eval_samples=eval_samples, target=target, compare_balance=False)
+                                eval_samples=eval_samples, target=target, compare_balance=False,
+                                check_speed=False)  # the bench times every variant, interleaved
         return quantize(in_path, out_path, config)
