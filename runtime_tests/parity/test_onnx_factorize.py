@@ -222,3 +222,40 @@ def test_embedding_tables_behind_gather_are_factorized(tmp_path):
     model = onnx.load(str(tmp_path / "svd.onnx"))
     assert any(n.name.startswith("token_embedding/svd/") and n.op_type == "Gather" for n in model.graph.node)
     assert np.isfinite(report["error_vs_dense"]["rel_error"])
+
+
+def test_a_conv_with_asymmetric_padding_is_factorized_and_its_pad_fused_back(tmp_path):
+    """tf2onnx writes a stride-2 'SAME' conv with pads [0, 0, 1, 1]: it is read as a Pad and a Conv, factorized
+    as the PyTorch model with ZeroPad2d would be (same outputs), and the Pad is fused back into the chain."""
+    import torch
+
+    from edgecompress.factorize import factorize
+
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((32, 8, 3, 3)) * 0.2).astype(np.float32)
+    w2 = (rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], name="same", pads=[0, 0, 1, 1], strides=[2, 2]),
+         helper.make_node("Relu", ["a"], ["b"], name="relu"),
+         helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    dense, out = tmp_path / "same.onnx", tmp_path / "f.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(dense))
+    config = FactorizeConfig(method="tucker", ratio=1.5, min_params=0)
+    report = export_factorized_onnx(dense, out, config)
+    assert report["graph"]["unread"] == [] and report["totals"]["factorized_layers"] == 2
+    model = onnx.load(str(out))
+    assert "Pad" not in {n.op_type for n in model.graph.node} and len([n for n in model.graph.node if "/tucker/" in n.name]) == 6
+    torch_model = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(8, 32, 3, stride=2, bias=False), nn.ReLU(),
+                                nn.Conv2d(32, 32, 3, padding=1, bias=False)).eval()
+    with torch.no_grad():
+        torch_model[1].weight.copy_(torch.from_numpy(w1))
+        torch_model[3].weight.copy_(torch.from_numpy(w2))
+    factorized, _ = factorize(torch_model, config)
+    x = rng.standard_normal((2, 8, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = factorized(torch.from_numpy(x)).numpy()
+    got = runtime.make_session(model).run(None, {"x": x})[0]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
