@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from edgecompress import runtime
+from edgecompress.capture.downstream import Downstream
 from edgecompress.capture.samples import CalibrationSet
 from edgecompress.capture.stats import LayerInputs
 from edgecompress.capture.torch_capture import MEMORY_CAP, relative_error
@@ -74,8 +75,10 @@ class OnnxCapture:
 
     def __init__(self, model: onnx.ModelProto, activations: dict[str, str], calib: CalibrationSet,
                  splice: Callable[[onnx.ModelProto, str, torch.nn.Module], onnx.ModelProto],
-                 sequential: bool = True, memory_cap: int = MEMORY_CAP):
+                 sequential: bool = True, memory_cap: int = MEMORY_CAP,
+                 downstream: dict[str, Downstream] | None = None):
         self.dense, self.working, self.activations = model, model, activations  # layer -> its input tensor
+        self.downstream = downstream or {}  # layer -> what its output goes through (``capture.downstream``)
         self.calib, self.splice, self.sequential, self.memory_cap = calib, splice, sequential, memory_cap
         self._cache: dict[str, tuple[list, list]] | None = None
         self._final: list[torch.Tensor] | None = None
@@ -90,17 +93,18 @@ class OnnxCapture:
 
     def inputs(self, name: str) -> LayerInputs:
         dense, held_dense = self._dense_inputs(name)
+        downstream = self.downstream.get(name)
         if not self.sequential or self.working is self.dense:
-            return LayerInputs(dense, dense, held_dense, held_dense)
+            return LayerInputs(dense, dense, held_dense, held_dense, downstream=downstream)
         run = _Runner(self.working, [self.activations[name]])
         tensor = self.activations[name]
         return LayerInputs(dense, [run(b)[tensor] for b in self.calib.fit], held_dense,
-                           [run(b)[tensor] for b in self.calib.held])
+                           [run(b)[tensor] for b in self.calib.held], downstream=downstream)
 
     def dense_inputs(self, name: str) -> LayerInputs:
         """The layer's inputs in the dense model only (what a plan scores its candidates on); kept cached."""
         dense, held_dense = self._dense_inputs(name, keep=True)
-        return LayerInputs(dense, dense, held_dense, held_dense)
+        return LayerInputs(dense, dense, held_dense, held_dense, downstream=self.downstream.get(name))
 
     def replace(self, name: str, module: torch.nn.Module) -> None:
         self.working = self.splice(self.working, name, module)

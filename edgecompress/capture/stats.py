@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
+from edgecompress.capture.downstream import Downstream
+
 MAX_OUTPUT_GRAM = 8192  # larger outputs (a vocabulary-sized head) keep the weight-only factors
 
 
@@ -35,6 +37,7 @@ class LayerInputs:
     held_current: list[torch.Tensor]
     targets: list[torch.Tensor] | None = None  # the dense layer's outputs on ``dense`` (see ``with_targets``)
     held_targets: list[torch.Tensor] | None = None
+    downstream: Downstream | None = None  # what the layer's output goes through (``capture.downstream``)
 
     @property
     def samples(self) -> int:

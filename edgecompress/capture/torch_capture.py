@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from edgecompress.capture.downstream import Downstream, torch_downstream
 from edgecompress.capture.samples import CalibrationSet
 from edgecompress.capture.stats import LayerInputs
 from edgecompress.errors import ConfigError
@@ -93,6 +94,16 @@ class TorchCapture:
         self.memory_cap = memory_cap
         self._dense_cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._final: list[torch.Tensor] | None = None
+        self._downstream: dict[str, Downstream] | None = None
+
+    def downstream(self, name: str) -> Downstream | None:
+        """What layer ``name``'s output goes through in the dense model (``capture.downstream``), if anything."""
+        if self._downstream is None:
+            from edgecompress.factorize.registry import candidate_types
+
+            self._downstream = torch_downstream(self.dense, [n for n, m in self.dense.named_modules()
+                                                             if n and isinstance(m, candidate_types())])
+        return self._downstream.get(name)
 
     def order(self, names: list[str]) -> list[str]:
         """``names`` in the order the forward pass calls them; layers it never calls are left out."""
@@ -102,15 +113,15 @@ class TorchCapture:
     def inputs(self, name: str) -> LayerInputs:
         dense, held_dense = self._dense_inputs(name)
         if not self.sequential:
-            return LayerInputs(dense, dense, held_dense, held_dense)
+            return LayerInputs(dense, dense, held_dense, held_dense, downstream=self.downstream(name))
         current = [_catch(self.model, [name], _tensor(b))[name] for b in self.calib.fit]
         held = [_catch(self.model, [name], _tensor(b))[name] for b in self.calib.held]
-        return LayerInputs(dense, current, held_dense, held)
+        return LayerInputs(dense, current, held_dense, held, downstream=self.downstream(name))
 
     def dense_inputs(self, name: str) -> LayerInputs:
         """The layer's inputs in the dense model only (what a plan scores its candidates on); kept cached."""
         dense, held_dense = self._dense_inputs(name, keep=True)
-        return LayerInputs(dense, dense, held_dense, held_dense)
+        return LayerInputs(dense, dense, held_dense, held_dense, downstream=self.downstream(name))
 
     def replace(self, name: str, module: nn.Module) -> None:
         """Nothing to do: the loop swaps the chain into ``model`` itself."""

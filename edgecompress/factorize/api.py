@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -241,10 +240,14 @@ def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: b
         return "data: rows weighted by how often they are looked up", None
     fit, saved = "data: whitened factors", copy.deepcopy(chain.state_dict())
     if can_refit(chain):
-        shrinkage = refit_last_(chain, layer, inputs)
-        if math.isinf(shrinkage):
+        refit = refit_last_(chain, layer, inputs)
+        if not refit.changed:
             return f"{fit} (the refit of the last step did worse on held-out samples)", None
-        return f"{fit}, last step refit (shrinkage {shrinkage:g})", saved
+        if refit.rectified:
+            before, after = refit.rectified_error
+            return (f"{fit}, last step refit through its {inputs.downstream.rectifier.describe()} (held-out rectified "
+                    f"error {before:.3g} -> {after:.3g})"), saved
+        return f"{fit}, last step refit (shrinkage {refit.shrinkage:g})", saved
     if refine_(chain, layer, inputs):
         return f"{fit}, all factors refined (L-BFGS)", saved
     return fit, None

@@ -147,6 +147,7 @@ def _count_macs(report: FactorizeReport, root: nn.Module, sites: dict[str, Site]
 def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, shapes: dict, opset: int, sequential: bool):
     """An ``OnnxCapture`` of ``model``'s weight layers whose ``replace`` splices a layer's chain in."""
     from edgecompress.capture import OnnxCapture
+    from edgecompress.capture.downstream import onnx_downstream
 
     def with_chain(proto: onnx.ModelProto, name: str, chain: nn.Module) -> onnx.ModelProto:
         new = onnx.ModelProto()
@@ -154,7 +155,8 @@ def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, shapes: dict
         splice(new, sites[name], name, chain, known_shape(shapes, sites[name]), opset)
         return new
 
-    return OnnxCapture(model, {name: site.input for name, site in sites.items()}, calib, with_chain, sequential)
+    return OnnxCapture(model, {name: site.input for name, site in sites.items()}, calib, with_chain, sequential,
+                       downstream=onnx_downstream(model, {name: site.output for name, site in sites.items()}))
 
 
 def _layers_ms(model: onnx.ModelProto, config, prepared: Prepared) -> dict[str, float]:

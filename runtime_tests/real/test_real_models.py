@@ -75,6 +75,24 @@ def test_crepe_tiny_cp_4x_keeps_the_pitch_with_data(crepe):
     assert rpa[False] >= 0.85 and rpa[False] >= rpa[True] + 0.3, rpa
 
 
+def test_crepe_tiny_refit_through_the_relu_beats_the_linear_refit(crepe, monkeypatch):
+    """CREPE's convs feed a ReLU: refitting their last step to the rectified outputs (Zhang et al. 2016) keeps
+    more pitch than fitting the pre-activations, at the same ranks. Measured on 400 tones, svd 2x: 56.25% ->
+    65.0%, tucker 2x 68.75% -> 77.5%; CREPE full svd 4x 66.0% -> 87.0%."""
+    from edgecompress.capture import TorchCapture
+    from edgecompress.models.crepe import raw_pitch_accuracy
+
+    model, calib, x, f0 = crepe
+    config = FactorizeConfig(method="svd", ratio=2, min_params=4096, min_outputs=16)
+    rectified, report = factorize(model, config, calib=calib)
+    assert sum("through its ReLU" in r.fit for r in report.factorized) >= 4
+    monkeypatch.setattr(TorchCapture, "downstream", lambda self, name: None)  # the linear refit everywhere
+    linear, _ = factorize(model, config, calib=calib)
+    with torch.no_grad():
+        rpa = [raw_pitch_accuracy(m(x).numpy(), f0) for m in (linear, rectified)]
+    assert rpa[1] >= rpa[0] + 0.04, rpa
+
+
 def test_crepe_tiny_tucker_2x_is_recovered_by_three_epochs_of_distillation(crepe):
     """CREPE's output is 360 sigmoid bins: distillation picks KL over the bins (binned regression), and 3
     epochs on 448 other tones from the data-aware factors bring tucker 2x from about 71% to 99% RPA
