@@ -215,9 +215,10 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Iterable, config: F
             sched.step()
             record["epoch"] = epoch
             if evaluate is not None:
-                record["score"] = round(evaluate(student), 6)
-                if record["score"] > best[0]:
-                    best = (record["score"], epoch, copy.deepcopy(student.state_dict()))
+                score = evaluate(student)
+                record["score"] = round(score, 6)
+                if score > best[0]:  # unrounded: a rounded tie must not count as better
+                    best = (score, epoch, copy.deepcopy(student.state_dict()))
             epochs.append(record)
             log.info("fine-tune epoch %d/%d: %s", epoch, config.epochs, record)
             if progress:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from edgecompress.loading import (
     sample_inputs,
 )
 from edgecompress.report import Report, Variant, write_report
+from edgecompress.user_eval import load_eval
 from edgecompress.stats import count_macs, count_params
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ class RunConfig:
     # ratio chosen for that whole-model target (``edgecompress.plan``)
     targets: tuple[tuple[str, float], ...] = ()
     max_drop: float = 0.01  # the report recommends the fastest variant within this drop of dense quality
+    # the user's task metric, FILE.py:FUNCTION (an ONNX path -> a score, higher is better; ``user_eval``)
+    eval: str | None = None
 
     def __post_init__(self):
         if self.methods is not None and not self.methods:
@@ -149,6 +153,8 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     progress = progress or Progress()
     start = time.perf_counter()
     runtime.resolve_provider(config.provider)  # an unknown or missing provider fails before any work
+    if config.eval:
+        load_eval(config.eval)  # a wrong path or name fails before any work too
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
         if weights is not None or input_dtype is not None:
             raise ConfigError("--weights and --input-dtype cannot be used with an ONNX file as MODEL")
@@ -170,7 +176,7 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     _note_calibration(report, calib, config)
     modules = _build(dense, loaded, config, samples, report, progress, calib)
     if config.finetune_epochs:
-        _finetune(modules, dense, data, config, report, progress)
+        _finetune(modules, dense, data, config, report, progress, loaded)
     _export(modules, loaded, out_dir, samples, report, progress)
     if config.int8:
         _quantize(_calibration(loaded, data, config), out_dir, config, report, progress)
@@ -386,7 +392,7 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
 
 
 def _finetune(modules: dict[str, nn.Module], dense: nn.Module, data: RunData | None, config: RunConfig,
-              report: Report, progress: Progress) -> None:
+              report: Report, progress: Progress, loaded: LoadedModel) -> None:
     from edgecompress.finetune import FinetuneConfig, distill_, tensor_loader
 
     names = [n for n in modules if n != "dense"]
@@ -413,13 +419,31 @@ def _finetune(modules: dict[str, nn.Module], dense: nn.Module, data: RunData | N
         try:
             history = distill_(modules[name], dense, loader, ft,
                                lambda epoch, loss, n=name: progress.advance("finetune", f"{n} epoch {epoch}: loss {loss:.4f}"),
-                               held_out=held)
+                               held_out=held, evaluate=_epoch_scorer(config, loaded))
         except Exception as exc:
             _fail(variant, "finetune", exc)
             del modules[name]
             continue
+        if config.eval:
+            history["scored_by"] = config.eval
         variant.finetune = history
         variant.seconds["finetune"] = history["seconds"]
+
+
+def _epoch_scorer(config: RunConfig, loaded: LoadedModel):
+    """With ``--eval``: a student's score by the user's function, on the student written to a temporary ONNX
+    file (what each fine-tuning epoch is then judged by); else None (the held-out agreement or loss)."""
+    if not config.eval:
+        return None
+    user_eval = load_eval(config.eval)
+
+    def score(student: nn.Module) -> float:
+        with tempfile.TemporaryDirectory(prefix="edgecompress-epoch-") as tmp:
+            path = Path(tmp) / "student.onnx"
+            export_module(student.eval(), loaded.input_spec, path)
+            return user_eval(path)
+
+    return score
 
 
 def _hold_out_for_epochs(x: torch.Tensor, y: torch.Tensor | None):
@@ -543,11 +567,13 @@ def _eval_inputs(loaded: LoadedModel, data: RunData | None, config: RunConfig):
 
 def _evaluate(report: Report, x: torch.Tensor, labels: torch.Tensor | None, config: RunConfig,
               progress: Progress) -> None:
-    """Outputs of every ONNX file on ``x``: accuracy (with labels), agreement and SQNR vs dense."""
+    """Outputs of every ONNX file on ``x``: accuracy (with labels), agreement and SQNR vs dense; with ``--eval``
+    the user's score of each file too."""
     from edgecompress.bench import agreement
     from edgecompress.data import run_onnx
 
     ready = [v for v in report.variants if v.status == "ok" and v.onnx]
+    user_eval = load_eval(config.eval) if config.eval else None
     progress.start("evaluate", len(ready))
     reference = None
     for variant in ready:  # dense comes first
@@ -566,6 +592,11 @@ def _evaluate(report: Report, x: torch.Tensor, labels: torch.Tensor | None, conf
         variant.agreement = metrics.get("top1_agreement")
         variant.sqnr_db = metrics["sqnr_db"] if variant.name != "dense" else None
         variant.max_abs_diff = metrics["max_abs_diff"]
+        if user_eval is not None:
+            try:
+                variant.score = user_eval(variant.onnx)
+            except ConfigError as exc:
+                _fail(variant, "evaluate", exc)
 
 
 def _fail(variant: Variant, stage: str, exc: Exception | str) -> None:

@@ -38,6 +38,7 @@ class Variant:
     accuracy: float | None = None
     agreement: float | None = None  # top-1 agreement with the dense model
     sqnr_db: float | None = None  # output SQNR against the dense model
+    score: float | None = None  # the user's task metric (``--eval``), higher is better
     status: str = "ok"
     error: str | None = None
     failed_at: str | None = None
@@ -92,8 +93,17 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
 
 
 def quality(v: Variant) -> float | None:
-    """Accuracy when labels were given, else agreement with the dense model."""
+    """The user's score (``--eval``) when given, else accuracy when labels were given, else agreement with the
+    dense model."""
+    if v.score is not None:
+        return v.score
     return v.accuracy if v.accuracy is not None else v.agreement
+
+
+def quality_name(report: Report) -> str:
+    if report.config.get("eval"):
+        return f"score ({report.config['eval'].rpartition(':')[2]})"
+    return "accuracy" if report.data.get("labels") else "agreement"
 
 
 def p50(v: Variant, threads: str) -> float | None:
@@ -149,7 +159,9 @@ def variant_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     threads = [str(t) for t in report.config["threads"]]
     header = ["variant", "method", "ratio", "int8", "compression", "params", "size", "MACs"]
     header += [f"ms p50/p90 {t}t" for t in threads]
-    header += ["speedup", "accuracy" if report.data.get("labels") else "agreement", "SQNR dB", "status"]
+    scored = bool(report.config.get("eval"))
+    header += ["speedup", "accuracy" if report.data.get("labels") else "agreement",
+               *([quality_name(report)] if scored else []), "SQNR dB", "status"]
     rows = []
     for v in report.variants:
         row = [v.name, v.method, _fmt(v.ratio), "yes" if v.int8 else "", _fmt(v.compression, "x"),
@@ -157,7 +169,8 @@ def variant_rows(report: Report) -> tuple[list[str], list[list[str]]]:
         for t in threads:
             lat = v.latency_ms.get(t)
             row.append(f"{lat['p50']:.3f}/{lat['p90']:.3f}" if lat else "-")
-        row += [_fmt(v.speedup, "x"), _fmt(quality(v), "pct"), _fmt(v.sqnr_db),
+        row += [_fmt(v.speedup, "x"), _fmt(v.accuracy if v.accuracy is not None else v.agreement, "pct"),
+                *([_fmt(v.score)] if scored else []), _fmt(v.sqnr_db),
                 "ok" if v.status == "ok" else f"failed: {v.error}"]
         rows.append(row)
     return header, rows
@@ -204,7 +217,9 @@ def finetune_rows(v: Variant) -> tuple[str, list[str], list[list[str]]]:
     line = (f"Fine-tuning of {v.name}: loss {f['loss_kind']} ({f['loss_reason']}), feature term weight "
             f"{f['feature_weight']:g}, BatchNorm {f['batchnorm']}, {f['seconds']:.1f} s"
             + (f"; kept epoch {f['kept_epoch']}" if "kept_epoch" in f else "") + (f". {f['note']}" if f.get("note") else "") + ".")
-    header = ["epoch", "loss", "output term", "feature term", "held-out score (agreement, or minus the output loss)"]
+    score = (f"score ({f['scored_by'].rpartition(':')[2]}, --eval)" if f.get("scored_by")
+             else "held-out score (agreement, or minus the output loss)")
+    header = ["epoch", "loss", "output term", "feature term", score]
     rows = [[str(e["epoch"]), *(f"{e[k]:.4g}" if k in e else "-" for k in ("loss", "output", "feature", "score"))]
             for e in f["epochs"]]
     return line, header, rows
@@ -227,14 +242,17 @@ def _summary(report: Report) -> list[str]:
              f"variant p50 at {report.threads} thread(s); compression is the whole model's parameter ratio to dense."]
     front = pareto_front(report)
     if front:
-        lines.append(f"Pareto front (latency at {report.threads} thread(s) vs {'accuracy' if data.get('labels') else 'agreement'}): "
+        lines.append(f"Pareto front (latency at {report.threads} thread(s) vs {quality_name(report)}): "
                      + ", ".join(front) + ".")
     pick = recommended(report)
     if pick:
-        what = "accuracy" if data.get("labels") else "agreement"
-        lines.append(f"Recommended: {pick['variant']}, the fastest variant within {100 * pick['max_drop']:g} point(s) "
-                     f"of dense {what} ({100 * pick['quality']:.2f}%, {pick['speedup'] or 1:.2f}x faster, "
-                     f"{pick['compression'] or 1:.2f}x fewer parameters).")
+        what = quality_name(report)
+        if report.config.get("eval"):  # the user's score, in its own units
+            within, value = f"{pick['max_drop']:g} of dense {what}", f"{what} {pick['quality']:.4g}"
+        else:
+            within, value = f"{100 * pick['max_drop']:g} point(s) of dense {what}", f"{100 * pick['quality']:.2f}%"
+        lines.append(f"Recommended: {pick['variant']}, the fastest variant within {within} ({value}, "
+                     f"{pick['speedup'] or 1:.2f}x faster, {pick['compression'] or 1:.2f}x fewer parameters).")
     bench = report.steps.get("bench", {})
     if bench.get("status") == "failed":
         lines.append(f"Benchmark step failed: {bench.get('error')}.")

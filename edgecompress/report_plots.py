@@ -6,7 +6,7 @@ One colour per method, hollow markers for fp32 and filled ones for int8; every p
 
 from __future__ import annotations
 
-from edgecompress.report import Report, Variant, p50, pareto_front, png, quality
+from edgecompress.report import Report, Variant, p50, pareto_front, png, quality, quality_name
 
 _COLORS = {"dense": "#222222", "svd": "#1f77b4", "svd-spatial": "#17becf", "tucker": "#2ca02c", "cp": "#d62728",
            "tt": "#9467bd", "tt-naive": "#8c564b", "auto": "#ff7f0e"}
@@ -56,25 +56,27 @@ def quality_vs_latency(report: Report) -> bytes | None:
     vs = [v for v in report.variants if v.status == "ok" and p50(v, t) is not None and quality(v) is not None]
     if not vs:
         return None
-    label = "accuracy" if report.data.get("labels") else "top-1 agreement with dense"
+    scored = bool(report.config.get("eval"))
+    label = quality_name(report) if scored else "accuracy" if report.data.get("labels") else "top-1 agreement with dense"
     fig = Figure(figsize=(6, 4.2))
     ax = fig.add_subplot()
-    values = [100 * quality(v) for v in vs]
+    scale = 1 if scored else 100  # the user's score in its own units, else percent
+    values = [quality(v) * scale for v in vs]
     # a few far-off variants would squash the ones worth comparing: show at most ~20 points below the best
-    floor = 5 * ((max(values) - 20) // 5) if min(values) < max(values) - 20 else None
+    floor = 5 * ((max(values) - 20) // 5) if not scored and min(values) < max(values) - 20 else None
     _scatter(ax, vs, [p50(v, t) for v in vs], values, floor)
     _log_if_spread(ax, "x", [p50(v, t) for v in vs])
     if floor is not None:
         ax.set_ylim(floor - 1, max(values) + 1)
     front = set(pareto_front(report))
-    points = sorted((p50(v, t), 100 * quality(v)) for v in vs if v.name in front)
+    points = sorted((p50(v, t), scale * quality(v)) for v in vs if v.name in front)
     if points:
         ax.step([p[0] for p in points], [p[1] for p in points], where="post", color="#ff7f0e", linewidth=1.5,
                 zorder=2, label="Pareto front")
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=160, facecolors="none", edgecolors="#ff7f0e",
                    linewidths=1.5, zorder=2)
     ax.set_xlabel(f"latency p50 (ms), {t} thread(s)")
-    ax.set_ylabel(f"{label} (%)")
+    ax.set_ylabel(label if scored else f"{label} (%)")
     ax.set_title(f"{report.model}: {label} vs latency (Pareto front in orange)")
     return png(fig)
 

@@ -65,14 +65,19 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
               help="Add a planned variant auto-<kind><value>x per target (params=4x, macs=4x): each layer's method "
                    "(among --methods) and ratio chosen for that whole-model figure. Default: params=<largest --ratio>.")
 @click.option("--max-drop", type=float, default=0.01, show_default=True,
-              help="The report recommends the fastest variant within this drop of dense accuracy (0.01: one point).")
+              help="The report recommends the fastest variant within this drop of dense accuracy (0.01: one point; "
+                   "with --eval, in the score's own units).")
+@click.option("--eval", "user_eval", metavar="FILE.py:FUNCTION",
+              help="Your task metric: a function taking an ONNX file's path and returning a score, higher is "
+                   "better. Every variant is scored with it (the report's score column, the recommendation, the "
+                   "Pareto front), and so is each fine-tuning epoch.")
 @click.option("--no-plan", is_flag=True, help="No planned variant (only the uniform method x ratio ones).")
 @click.option("--keep-faster", is_flag=True,
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
             finetune_epochs, finetune_minutes, distill_loss, bench_runs, profile, min_params, data_free, keep_faster,
-            targets, no_plan, max_drop):
+            targets, no_plan, max_drop, user_eval):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
     MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
@@ -89,7 +94,7 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
         ratios=ratios, int8=int8, provider=provider, threads=_ints(threads, "--threads"),
         finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, distill_loss=distill_loss, bench_runs=bench_runs, profile=profile, min_params=min_params,
-        data_free=data_free, keep_faster=keep_faster, targets=planned, max_drop=max_drop)
+        data_free=data_free, keep_faster=keep_faster, targets=planned, max_drop=max_drop, eval=user_eval)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=err_console, transient=False) as bars:
@@ -105,7 +110,9 @@ def _print(report, out_dir: str) -> None:
     quality = "acc" if report.data.get("labels") else "agree"
     table = Table(title=f"{report.model}: {sum(v.status == 'ok' for v in report.variants)} of "
                         f"{len(report.variants)} variants built")
-    for col in ["variant", "compr", "size", *[f"p50 {t}t" for t in threads], "speedup", quality, "SQNR"]:
+    scored = bool(report.config.get("eval"))
+    for col in ["variant", "compr", "size", *[f"p50 {t}t" for t in threads], "speedup", quality,
+                *(["score"] if scored else []), "SQNR"]:
         table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
     for v in report.variants:
         q = v.accuracy if v.accuracy is not None else v.agreement
@@ -113,6 +120,7 @@ def _print(report, out_dir: str) -> None:
         table.add_row(v.name, "-" if v.compression is None else f"{v.compression:.2f}x",
                       "-" if v.size_bytes is None else f"{v.size_bytes / 1e6:.2f}M", *lat,
                       "-" if v.speedup is None else f"{v.speedup:.2f}x", "-" if q is None else f"{100 * q:.1f}%",
+                      *([("-" if v.score is None else f"{v.score:.4g}")] if scored else []),
                       "-" if v.sqnr_db is None else f"{v.sqnr_db:.1f}", style="red" if v.status != "ok" else None)
     console.print(table)
     for variant in report.variants:
@@ -122,5 +130,6 @@ def _print(report, out_dir: str) -> None:
 
     pick = recommended(report)
     if pick:
-        console.print(f"recommended: {pick['variant']} (the fastest within {100 * pick['max_drop']:g} point(s) of dense)")
+        within = f"{pick['max_drop']:g} of dense score" if scored else f"{100 * pick['max_drop']:g} point(s) of dense"
+        console.print(f"recommended: {pick['variant']} (the fastest within {within})")
     console.print(f"report: {out_dir}/report.html, report.md, report.json ({report.seconds:.1f} s)")
