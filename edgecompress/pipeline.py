@@ -76,6 +76,7 @@ class RunConfig:
     # ratio chosen for that whole-model target (``edgecompress.plan``)
     targets: tuple[tuple[str, float], ...] = ()
     max_drop: float = 0.01  # the report recommends the fastest variant within this drop of dense quality
+    max_error: float | None = None  # planned variants: a bound on the whole model's held-out output error
     # the user's task metric, FILE.py:FUNCTION (an ONNX path -> a score, higher is better; ``user_eval``)
     eval: str | None = None
 
@@ -107,6 +108,9 @@ class RunConfig:
             check_target(kind, value)
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ConfigError(f"eval samples must be at least 1, got {self.eval_samples}")
+        if self.max_error is not None and not (self.max_error > 0 and self.targets):
+            raise ConfigError("--max-error must be positive and bounds planned variants: keep a --target "
+                              f"(got {self.max_error}{', no planned variant' if not self.targets else ''})")
         if self.min_params < 0:
             raise ConfigError(f"--min-params must be at least 0, got {self.min_params}")
 
@@ -342,7 +346,7 @@ def _fconfig(config: RunConfig, method: str, ratio: float | None, targets: tuple
         listed = tuple(config.methods or ())
         return FactorizeConfig(method=listed[0] if listed else "svd", targets=targets, methods=listed,
                                rank_multiple=config.rank_multiple, min_params=config.min_params,
-                               min_outputs=config.min_outputs, data_free=config.data_free)
+                               min_outputs=config.min_outputs, data_free=config.data_free, max_error=config.max_error)
     return FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple, min_params=config.min_params,
                            min_outputs=config.min_outputs, data_free=config.data_free)
 

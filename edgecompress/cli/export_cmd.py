@@ -113,11 +113,11 @@ def _print_summary(report: dict) -> None:
             table.add_row("note", note)
     if report.get("method"):
         if "plan" in report:
-            from edgecompress.plan.targets import describe
+            from edgecompress.plan.targets import describe, error_summary
 
             plan = report["plan"]
-            table.add_row("plan", f"for {describe(plan['targets'].items())}, reached {describe(plan['reached'].items())} "
-                          f"({', '.join(plan['methods'])})")
+            table.add_row("plan", f"for {describe(plan['targets'].items())}, reached {describe(plan['reached'].items())}"
+                          f"{error_summary(plan)} ({', '.join(plan['methods'])})")
         else:
             table.add_row("method", report["method"])
         table.add_row("factorized layers", f"{totals['factorized_layers']} (dense: {totals['dense_layers']})")

@@ -43,6 +43,10 @@ def factorize_options(func):
     @click.option("--methods", default=None, metavar="LIST",
                   help="With --target: the methods the plan may use per layer, comma-separated "
                        "(default svd,svd-spatial,tucker; cp and tt fit slowly on large layers).")
+    @click.option("--max-error", type=float, default=None, metavar="E",
+                  help="With --target and --calib: a bound on the whole model's output error on the held-out "
+                       "samples (relative, e.g. 0.1); the plan steps layers back towards dense until it holds, "
+                       "and says so when the target is then missed.")
     @click.option("--save-plan", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
                   help="With --target: write the plan as a --config file; `export --config FILE` reproduces it.")
     @functools.wraps(func)
@@ -59,7 +63,7 @@ MIN_PARAMS, MIN_OUTPUTS = 4096, 16
 
 def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params, include, exclude, config_file,
                           min_outputs=None, data_free=False, damping=None, max_layer_error=None, calib_path=None,
-                          targets=(), methods=None, save_plan=None):
+                          targets=(), methods=None, save_plan=None, max_error=None):
     """A FactorizeConfig from the options, or None when nothing asks for factorization (``calib_path`` is
     only checked for that: the data itself is read by the command; ``save_plan`` only for its folder)."""
     from edgecompress.factorize import FactorizeConfig, read_config_file
@@ -67,6 +71,8 @@ def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params
     fields = read_config_file(config_file) if config_file else {}
     if save_plan and not targets:
         raise ConfigError("--save-plan writes the plan that --target makes: add --target KIND=VALUE")
+    if max_error is not None and not targets:
+        raise ConfigError("--max-error bounds the error of a --target plan: add --target KIND=VALUE")
     if methods is not None and not targets:
         raise ConfigError("--methods lists the methods a --target plan may use: add --target KIND=VALUE (or use --method)")
     if targets:
@@ -79,6 +85,8 @@ def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params
         if method is not None and methods is not None:
             raise ConfigError("with --target, give --methods (the methods the plan may use) or --method (only that one), not both")
         fields["targets"] = tuple(parse_target(t) for t in targets)
+        if max_error is not None:
+            fields["max_error"] = max_error
         listed = [m.strip() for m in (methods or method or "").split(",") if m.strip()]
         fields["methods"] = tuple(listed)
         fields.setdefault("method", listed[0] if listed else "svd")

@@ -18,7 +18,7 @@ from edgecompress.cli.factorize_options import (
 )
 from edgecompress.errors import ConfigError
 from edgecompress.io import to_json
-from edgecompress.plan.targets import describe
+from edgecompress.plan.targets import describe, error_summary
 
 
 @click.command("plan")
@@ -91,7 +91,8 @@ def _table(model: str, report) -> Table:
         if graph["unread"]:
             caption += "; weight nodes left as they are: " + ", ".join(f"{u['node']} ({u['reason']})" for u in graph["unread"])
     plan = report.plan
-    what = (f"plan for {describe(plan['targets'].items())}, reached {describe(plan['reached'].items())}" if plan
+    what = (f"plan for {describe(plan['targets'].items())}, reached {describe(plan['reached'].items())}"
+            f"{error_summary(plan)}" if plan
             else f"{report.config.method}, {report.config.rank_spec().describe()}")
     table = Table(title=f"{model}: {what} ({report.seconds:.1f} s)",
                   caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)

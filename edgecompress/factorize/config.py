@@ -44,6 +44,7 @@ class FactorizeConfig:
     # then planned (``edgecompress.plan``) among ``methods`` (default svd, svd-spatial, tucker)
     targets: tuple[tuple[str, float], ...] = ()
     methods: tuple[str, ...] = ()
+    max_error: float | None = None  # with targets: a bound on the whole model's held-out output error (relative)
     # where a latency target is measured: onnxruntime provider, intra-op threads, fp32 or int8 kernels
     provider: str = "cpu"
     threads: int = 1
@@ -65,6 +66,10 @@ class FactorizeConfig:
         from edgecompress.plan.targets import check_target
 
         kinds = [check_target(kind, value)[0] for kind, value in self.targets]
+        if self.max_error is not None and not self.max_error > 0:
+            raise ConfigError(f"--max-error must be positive (a relative output error, e.g. 0.1), got {self.max_error}")
+        if self.max_error is not None and not self.targets:
+            raise ConfigError("--max-error bounds the error of a --target plan: add --target KIND=VALUE")
         if len(set(kinds)) != len(kinds):
             raise ConfigError(f"one target per kind, got {', '.join(kinds)}")
         if self.precision not in ("fp32", "int8"):

@@ -48,6 +48,7 @@ class Candidate:
     macs: int | None
     damage: float  # squared relative error (see the module docstring); 0 for dense
     ms: float | None = None  # measured alone on the provider (latency targets only)
+    chain: nn.Module | None = dataclasses.field(default=None, repr=False)  # kept for --max-error's checks
 
     def cost(self, kind: str) -> float:
         return {"params": self.params, "macs": self.macs, "latency": self.ms}[kind]
@@ -96,7 +97,8 @@ def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
                 damage = capture.final_error(name, chain) ** 2
             else:
                 damage = relative_error(layer.weight, chain.dense_weight()) ** 2
-            out.append(Candidate(method, ratio, list(chain.ranks()), chain_params, _macs(chain, sample), damage))
+            out.append(Candidate(method, ratio, list(chain.ranks()), chain_params, _macs(chain, sample), damage,
+                                 chain=chain if config.max_error is not None else None))
             if timing is not None:
                 chains.append(chain)
     if timing is not None and len(out) > 1:
@@ -177,6 +179,8 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         raise ConfigError(f"a {' and '.join(k for k in kinds if k != 'params')} target needs the layers' input "
                           "shapes: give --calib data or --input-shape")
     timing = _timing(config) if "latency" in kinds else None
+    if config.max_error is not None and capture is None:
+        raise ConfigError("--max-error is measured on held-out calibration samples: give --calib data")
     if timing is not None and inputs is None:
         raise ConfigError("a latency target is measured on the whole model: it needs a PyTorch model for now "
                           "(for an ONNX file, plan for macs=... and add --keep-faster)")
@@ -213,6 +217,17 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     if timing is not None:
         at, chosen, met, reached["latency"], checks = _check_latency(model, config, layers, curves, budgets, at,
                                                                      inputs, timing)
+    error_checks = []
+    if config.max_error is not None:
+        before = dict(at)
+        at, chosen, bounded, error_checks = _bound_error(model, layers, curves, at, capture, config.max_error)
+        for kind in kinds:
+            if kind != "latency":
+                reached[kind] = round(totals[kind] / max(1e-9, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
+            elif at != before:  # stepped back: the speedup is measured again
+                dense_ms, planned_ms = _time_choice(model, config, dict(layers), curves, at, inputs, timing)
+                reached["latency"] = round(dense_ms / planned_ms, 4)
+        met = bounded and all(reached[kind] >= value * (1 - 1e-6) for kind, value in config.targets)
     overrides = tuple((_glob_escape(name), {"method": "dense"} if c.method == "dense" else
                        {"method": c.method, "ratio": c.ratio}) for name, c in chosen.items())
     layers_out = {}
@@ -227,11 +242,17 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
             "layers": layers_out,
             **({"timing": {"provider": timing.provider, "threads": timing.threads, "precision": timing.precision,
                            "dense_ms": round(totals["latency"], 4), "checks": checks}} if timing is not None else {})}
+    if config.max_error is not None:
+        plan["max_error"] = {"bound": config.max_error, "measured": error_checks[-1]["error"], "checks": error_checks,
+                             "on": f"{capture.calib.held_count or capture.calib.fit_count} held-out samples, relative "
+                                   "error of the model's outputs, the plan's screening factors in place"}
     if not met:
-        plan["note"] = (f"the target ({describe(config.targets)}) cannot be reached with these methods and layers; "
-                        f"the best reached is {describe(reached.items())}")
+        bounded = f" within --max-error {config.max_error:g}" if config.max_error is not None else ""
+        plan["note"] = (f"the target ({describe(config.targets)}) cannot be reached with these methods and layers"
+                        f"{bounded}; the best reached is {describe(reached.items())}"
+                        + (f", at a measured error of {error_checks[-1]['error']:.4g}" if error_checks else ""))
     log.info("plan for %s: reached %s", describe(config.targets), describe(reached.items()))
-    return dataclasses.replace(config, targets=(), overrides=tuple(config.overrides) + overrides), plan
+    return dataclasses.replace(config, targets=(), max_error=None, overrides=tuple(config.overrides) + overrides), plan
 
 
 def _timing(config):
@@ -246,27 +267,33 @@ CHECKS = 4  # end-to-end latency measurements, each rescaling the budget by the 
 CLOSE = 1.08  # a measured speedup this close above the target is taken as it is
 
 
+def _time_choice(model, config, layer_of, curves, at, inputs, timing) -> tuple[float, float]:
+    """(dense ms, planned ms): the whole model and the model with the choice ``at`` in place, interleaved."""
+    import copy
+
+    from edgecompress.plan.timing import time_models
+
+    trial = copy.deepcopy(model)
+    for name, k in at.items():
+        c = curves[name][k]
+        if c.method != "dense":
+            spec = RankSpec(ratio=c.ratio, multiple=config.rank_multiple)
+            trial.set_submodule(name, decomposer_for(c.method, layer_of[name])(layer_of[name], spec).module)
+    dense_ms, trial_ms = time_models([model, trial], inputs, timing)
+    return dense_ms, trial_ms
+
+
 def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
     """Measure the planned model against dense (whole models, interleaved) and rescale the latency budget by
     the miss, up or down, choosing again, until the speedup lands within ``CLOSE`` above the target. Layer
     times measured alone do not add up to the model's (overheads, caches, layout changes between layers,
     a busy machine while a layer was timed). Keeps the least damaging choice that met the target, else the
     fastest."""
-    import copy
-
-    from edgecompress.plan.timing import time_models
-
     target = dict(config.targets)["latency"]
     layer_of = dict(layers)
     checks, tried = [], []
     for _ in range(CHECKS):
-        trial = copy.deepcopy(model)
-        for name, k in at.items():
-            c = curves[name][k]
-            if c.method != "dense":
-                spec = RankSpec(ratio=c.ratio, multiple=config.rank_multiple)
-                trial.set_submodule(name, decomposer_for(c.method, layer_of[name])(layer_of[name], spec).module)
-        dense_ms, trial_ms = time_models([model, trial], inputs, timing)
+        dense_ms, trial_ms = _time_choice(model, config, layer_of, curves, at, inputs, timing)
         speedup = dense_ms / trial_ms
         damage = sum(curves[n][k].damage for n, k in at.items())
         checks.append({"dense_ms": round(dense_ms, 4), "planned_ms": round(trial_ms, 4), "speedup": round(speedup, 4),
@@ -281,6 +308,48 @@ def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
     met = [t for t in tried if t[1] >= target]
     at, speedup, _ = min(met, key=lambda t: t[2]) if met else max(tried, key=lambda t: t[1])
     return at, {n: curves[n][k] for n, k in at.items()}, speedup >= target, round(speedup, 4), checks
+
+
+ERROR_CHECKS = 12  # whole-model error measurements of --max-error, one step back towards dense between each
+
+
+def _bound_error(model, layers, curves, at, capture, bound):
+    """Measure the whole model's output error on the held-out samples with the chosen candidates in place;
+    while it is above ``bound``, step back the one layer whose next less damaging candidate removes the most
+    damage per parameter it adds, and measure again. The layers' damages were each measured alone: their sum
+    is not the model's error (errors grow or cancel through the layers after), so the bound is checked on the
+    whole model. Returns the choice, its candidates, whether the bound holds, and the checks."""
+    originals = {name: model.get_submodule(name) for name, _ in layers}
+    checks = []
+
+    def measure() -> float:
+        chains = {n: curves[n][k].chain for n, k in at.items() if curves[n][k].method != "dense"}
+        try:
+            return capture.model_error(chains) if chains else 0.0
+        finally:
+            for name in chains:  # a PyTorch capture swaps them into the model: put the dense layers back
+                model.set_submodule(name, originals[name])
+
+    at = dict(at)
+    for check in range(ERROR_CHECKS):
+        error = measure()
+        checks.append({"error": round(error, 6), "params": sum(curves[n][k].params for n, k in at.items()),
+                       "damage": round(sum(curves[n][k].damage for n, k in at.items()), 6)})
+        if error <= bound or check == ERROR_CHECKS - 1:
+            break
+        best = None
+        for name, options in curves.items():
+            here = options[at[name]]
+            for j, option in enumerate(options):
+                gain = here.damage - option.damage
+                if gain <= 0:
+                    continue
+                key = -gain / max(1, option.params - here.params)
+                best = min(best, (key, name, j)) if best else (key, name, j)
+        if best is None:
+            break
+        at[best[1]] = best[2]
+    return at, {n: curves[n][k] for n, k in at.items()}, checks[-1]["error"] <= bound, checks
 
 
 def _samples(model, layers, capture, inputs) -> dict[str, torch.Tensor | None]:

@@ -37,3 +37,9 @@ def check_target(kind: str, value) -> tuple[str, float]:
 
 def describe(targets) -> str:
     return ", ".join(f"{kind} {value:.3g}x" for kind, value in targets)
+
+
+def error_summary(plan: dict) -> str:
+    """``, output error 0.081 (bound 0.1)`` for a plan made under ``--max-error``; empty otherwise."""
+    bound = plan.get("max_error")
+    return "" if not bound else f", output error {bound['measured']:.3g} (bound {bound['bound']:g})"

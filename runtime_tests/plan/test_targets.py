@@ -77,6 +77,27 @@ def test_an_unreachable_target_says_the_best_it_reached(digits_setting):
     assert 4 < report.plan["reached"]["params"] < 100
 
 
+def test_max_error_steps_back_until_the_whole_models_error_holds(digits_setting):
+    """params=8x alone measures 0.15 on the held-out digits; bounded at 0.08 the plan steps layers back towards
+    dense, measured after each step, and says that the target is missed and what it reached."""
+    model, calib, x, y = digits_setting
+    free = FactorizeConfig(targets=(("params", 8.0),), min_params=4096, min_outputs=16)
+    _, unbounded = factorize(model, free, [x[:1]], calib=calib)
+    bounded_config = FactorizeConfig(targets=(("params", 8.0),), min_params=4096, min_outputs=16, max_error=0.08)
+    module, report = factorize(model, bounded_config, [x[:1]], calib=calib)
+    plan = report.plan
+    checks = plan["max_error"]["checks"]
+    assert len(checks) >= 2 and checks[0]["error"] > 0.08 >= checks[-1]["error"] == plan["max_error"]["measured"]
+    assert [c["params"] for c in checks] == sorted(c["params"] for c in checks)  # each step adds parameters back
+    assert not plan["met"] and "within --max-error 0.08" in plan["note"]
+    assert 2 < plan["reached"]["params"] < unbounded.plan["reached"]["params"]
+    assert plan["reached"]["params"] == pytest.approx(count_params(model) / count_params(module), rel=0.02)
+    held = torch.from_numpy(calib.held[0]["input"])
+    with torch.no_grad():  # the final fit (refit included) is at least as close as the screening factors
+        dense, approx = model(held), module(held)
+    assert float((approx - dense).norm() / dense.norm()) <= 0.08
+
+
 def test_without_data_the_plan_uses_the_weight_error_and_says_so(digits_setting):
     model, _, x, _ = digits_setting
     _, report = factorize(model, FactorizeConfig(targets=(("params", 2.0),), min_params=4096), [x[:1]])
@@ -112,6 +133,8 @@ def test_plan_table_shows_damage_and_runner_up(cli):
     (["--save-plan", "p.json", "--method", "svd"], "add --target"),
     (["--target", "latency=2x", "--provider", "nope"], "unknown provider"),
     (["--target", "params=2x", "--threads", "2"], "only used by --keep-faster or --target latency"),
+    (["--max-error", "0.1", "--method", "svd"], "--max-error bounds the error of a --target plan"),
+    (["--target", "params=2x", "--max-error", "0"], "--max-error must be positive"),
 ])
 def test_bad_target_options_are_one_line_errors(cli, tmp_path, args, message):
     out = tmp_path / "x.onnx"
