@@ -216,7 +216,8 @@ def finetune_rows(v: Variant) -> tuple[str, list[str], list[list[str]]]:
     f = v.finetune
     line = (f"Fine-tuning of {v.name}: loss {f['loss_kind']} ({f['loss_reason']}), feature term weight "
             f"{f['feature_weight']:g}, BatchNorm {f['batchnorm']}, {f['seconds']:.1f} s"
-            + (f"; kept epoch {f['kept_epoch']}" if "kept_epoch" in f else "") + (f". {f['note']}" if f.get("note") else "") + ".")
+            + (f"; kept epoch {f['kept_epoch']}" if "kept_epoch" in f else "") + (f". {f['note']}" if f.get("note") else "")
+            + (f". {f['backed_off']}" if f.get("backed_off") else "") + ".")
     score = (f"score ({f['scored_by'].rpartition(':')[2]}, --eval)" if f.get("scored_by")
              else "held-out score (agreement, or minus the output loss)")
     header = ["epoch", "loss", "output term", "feature term", score]

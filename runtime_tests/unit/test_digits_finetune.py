@@ -103,6 +103,29 @@ def test_the_best_held_out_epoch_is_kept_and_batchnorm_is_frozen():
     assert torch.allclose(student[0].weight, teacher[0].weight)  # the kept state is the one before training
 
 
+def test_an_epoch_that_scores_lower_is_undone_and_the_rate_halved():
+    """Epoch 1 scores lower: the model goes back to epoch 0's weights before epoch 2, which runs at half the
+    rate (the weights epoch 2 starts from are epoch 0's), and the history says so."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.add_(0.1 * torch.randn_like(student[0].weight))
+    start = copy.deepcopy(student.state_dict())
+    seen, scores = [], iter([0.5, 0.4, 0.9])
+
+    def evaluate(model):
+        seen.append(copy.deepcopy(model.state_dict()))
+        return next(scores)
+
+    history = distill_(student, teacher, tensor_loader(torch.randn(64, 16), None, 16),
+                       FinetuneConfig(epochs=2, lr=1e-2), evaluate=evaluate)
+    assert [e.get("backed_off", False) for e in history["epochs"]] == [False, True, False]
+    assert "epoch 1 scored lower: undone" in history["backed_off"] and history["kept_epoch"] == 2
+    moved = [float((s["0.weight"] - start["0.weight"]).abs().max()) for s in seen[1:]]
+    assert moved[0] > 0 and moved[1] > 0  # both epochs trained, epoch 2 from epoch 0's weights at half the rate
+
+
 def test_the_feature_term_reads_each_factorized_layer():
     from edgecompress.factorize import FactorizeConfig, factorize
 
