@@ -149,7 +149,8 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
 
     io.write_json(md.with_suffix(".json"), {"command": command, "seconds": seconds, "rows": rows})
     lines = ["# Real trained models: data-free vs data-aware factorization", "",
-             f"Command: `{command}` (took {seconds / 60:.1f} min on this project's 2-core machine). No fine-tuning. "
+             f"Command: {command if command.startswith('`') else f'`{command}`'} (the last took {seconds / 60:.1f} min "
+             "on this project's 2-core machine). No fine-tuning. "
              "Same ranks for the data-free and the data-aware variant of a method (`--ratio` per layer, layers under "
              "4096 parameters or with fewer than 16 outputs kept dense, as the CLI defaults). Time and peak RSS: "
              "the whole variant build in a fresh process (load, capture, decompose, refit, export). Latency: "
@@ -186,17 +187,22 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
 
 def _merged(path: Path, rows: list[dict], names: list[str], command: str) -> tuple[list[dict], str]:
     """This run's rows, with the other models' rows of the last run kept (``--models`` reruns a part of the
-    table); the command says which rows came from which run."""
-    if not path.is_file():
-        return rows, command
-    earlier = json.loads(path.read_text())
-    kept = [r for r in earlier["rows"] if r["model"] not in names]
-    if not kept:
-        return rows, command
+    table); each row carries the command that made it, and the returned line names them all."""
+    for row in rows:
+        row["command"] = command
+    earlier = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    kept = [{**r, "command": r.get("command", earlier.get("command", "?"))} for r in earlier["rows"]
+            if r["model"] not in names]
     order = {m: k for k, m in enumerate(MODELS)}
     merged = sorted(kept + rows, key=lambda r: order.get(r["model"], len(order)))
-    others = ", ".join(dict.fromkeys(r["model"] for r in kept))
-    return merged, f"{command}` for {', '.join(names)}; {others} from an earlier `{earlier['command']}"
+    by_command: dict[str, list[str]] = {}
+    for row in merged:
+        models = by_command.setdefault(row["command"], [])
+        if row["model"] not in models:
+            models.append(row["model"])
+    if len(by_command) == 1:
+        return merged, command
+    return merged, "; ".join(f"`{c}` for {', '.join(m)}" for c, m in by_command.items())
 
 
 def main(argv=None) -> int:
