@@ -129,7 +129,8 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
     solution = solve(alpha, gram, cross)
     result = Refit(alpha)
     if inputs.downstream is not None and inputs.downstream.rectifier is not None:
-        rectified = _Rectified(last, prefix, inputs, g, bias)
+        held_targets = inputs.held_targets if inputs.held_targets is not None else [layer(x) for x in inputs.held_dense]
+        rectified = _Rectified(last, prefix, inputs, g, bias, targets, held_targets)
         # a step the linear refit left alone may still move: the rectified fit gets at least this much room
         candidate = rectified.fit(solution, lambda c: solve(min(alpha, RECTIFIED_SHRINKAGE), gram, c))
         before, after = rectified.held_error(solution), rectified.held_error(candidate)
@@ -154,7 +155,8 @@ FEATURE_CACHE = 256 << 20  # bytes of features kept between rounds; beyond that 
 class _Rectified:
     """The batches of a rectified fit: features of the last step, and the ReLU's per-channel affine."""
 
-    def __init__(self, last: nn.Module, prefix: nn.Module, inputs: LayerInputs, groups: int, bias: bool):
+    def __init__(self, last: nn.Module, prefix: nn.Module, inputs: LayerInputs, groups: int, bias: bool,
+                 targets: list[torch.Tensor], held_targets: list[torch.Tensor]):
         self.last, self.prefix, self.bias = last, prefix, bias
         outputs = last.weight.shape[0]
         rect = inputs.downstream.rectifier
@@ -164,10 +166,9 @@ class _Rectified:
         self.linear = (scale.abs() <= 1e-6 * float(scale.abs().max().clamp_min(1e-30))).reshape(groups, 1, -1)
         self.scale = scale.reshape(groups, 1, -1).masked_fill(self.linear, 1.0)
         self.shift = shift.reshape(groups, 1, -1).masked_fill(self.linear, 0.0)
-        targets = inputs.targets if inputs.targets is not None else None
         self.fit_batches = list(zip(inputs.current, targets))
         held = bool(inputs.held_current)
-        self.held_batches = list(zip(inputs.held_current, inputs.held_targets)) if held else self.fit_batches
+        self.held_batches = list(zip(inputs.held_current, held_targets)) if held else self.fit_batches
         size = sum(x.numel() for x in inputs.current) * 4  # a rough bound of the features' bytes
         self._cache = {} if size <= FEATURE_CACHE else None
 
