@@ -10,6 +10,7 @@ ONNX file), keeping the best.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import sys
@@ -44,8 +45,10 @@ class UserEval:
         return score
 
 
+@functools.lru_cache(maxsize=8)
 def load_eval(spec: str) -> UserEval:
-    """``FILE.py:FUNCTION`` -> the callable, or a one-line ConfigError saying what is wrong with it."""
+    """``FILE.py:FUNCTION`` -> the callable, or a one-line ConfigError saying what is wrong with it. Imported
+    once per spec: ``run`` checks it before any work and then scores with it, the file's top level runs once."""
     path, colon, name = spec.rpartition(":")
     if not colon or not path or not name:
         raise ConfigError(f"--eval takes FILE.py:FUNCTION (a function of an ONNX path returning a score), got {spec!r}")

@@ -98,7 +98,7 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
     """Solve ``chain``'s last step (and bias) so that it maps its features on ``inputs.current`` to
     ``layer``'s outputs on ``inputs.dense``, in place: ridge least squares shrunk towards the step the
     decomposition gave, by the shrinkage that predicts left-out batches best. Where the layer feeds a ReLU
-    (``inputs.downstream``) the step is then fitted to the rectified outputs (``_rectified_``), and kept so
+    (``inputs.downstream``) the step is then fitted to the rectified outputs (``_Rectified``), and kept so
     if its held-out rectified error is lower."""
     last, prefix = _last_and_prefix(chain)
     bias = last.bias is not None
