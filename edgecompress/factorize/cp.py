@@ -37,6 +37,11 @@ from edgecompress.factorize.tucker import whitened_weight
 log = logging.getLogger(__name__)
 
 MAX_ITERATIONS = 25
+# weights x rank x iterations: a layer above it gets fewer iterations (at least MIN_ITERATIONS). CREPE full's
+# 128x1024x64 conv at rank 1720 and 512x256x64 at 2512 spent 130 s of a 193 s export in 37 ALS iterations;
+# the sequential refit on data takes up what the last iterations would have gained (see docs/factorize.md)
+MAX_WORK = 2e11
+MIN_ITERATIONS = 8
 TOLERANCE = 5e-4  # stop when an iteration improves the relative error by less than this
 ATTEMPTS = (("svd", 0), ("random", 1), ("random", 2))  # the first start, then the restarts
 DEGENERATE = 100.0  # a component this many times the tensor's norm means cancelling components
@@ -102,9 +107,15 @@ def _spatial_mttkrp(v: torch.Tensor, spatial: list[torch.Tensor], axis: int) -> 
     return torch.einsum(f"r{letters}{''.join(',' + o for o in others)}->{letters[axis]}r", v, *operands)
 
 
-def cp_als(t: torch.Tensor, rank: int, init: str = "svd", seed: int = 0, max_iterations: int = MAX_ITERATIONS,
+def iteration_cap(t: torch.Tensor, rank: int) -> int:
+    """ALS iterations for ``t`` at ``rank``: ``MAX_ITERATIONS``, fewer for layers whose work passes ``MAX_WORK``."""
+    return int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, MAX_WORK // (t.numel() * rank))))
+
+
+def cp_als(t: torch.Tensor, rank: int, init: str = "svd", seed: int = 0, max_iterations: int | None = None,
            tolerance: float = TOLERANCE) -> CPResult:
-    """CP-ALS of ``t [O, I, *k]`` (float32) at ``rank``; modes updated O, I, then the spatial ones."""
+    """CP-ALS of ``t [O, I, *k]`` (float32) at ``rank``; modes updated O, I, then the spatial ones, for at most
+    ``max_iterations`` (default ``iteration_cap``)."""
     o, i, *ks = t.shape
     q = math.prod(ks)
     factors = _init_factors(t, rank, init, torch.Generator().manual_seed(seed))
@@ -122,12 +133,12 @@ def cp_als(t: torch.Tensor, rank: int, init: str = "svd", seed: int = 0, max_ite
         grams[mode] = (factors[mode].T @ factors[mode]).double()
         return norms
 
-    for _ in range(max_iterations):
+    for _ in range(iteration_cap(t, rank) if max_iterations is None else max_iterations):
         k = _khatri_rao(factors[2:])  # [q, R]
         update(0, ((t_oqi @ factors[1]) * k).sum(1))
         z = (factors[0].T @ t_oi).reshape(rank, i, q)  # shared by the I mode and the spatial modes
-        update(1, (z * k.T[:, None, :]).sum(2).T)
-        v = (z * factors[1].T[:, :, None]).sum(1).reshape(rank, *ks)
+        update(1, torch.bmm(z, k.T[:, :, None])[..., 0].T)  # batched products: no [R, I, q] temporary
+        v = torch.bmm(factors[1].T[:, None, :], z)[:, 0].reshape(rank, *ks)
         for axis in range(len(ks)):
             mttkrp = _spatial_mttkrp(v, factors[2:], axis)
             weights = update(2 + axis, mttkrp)
@@ -227,6 +238,8 @@ def _cp_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) 
     if rank * g * (o + i + sum(ks)) >= w.numel():  # say so before spending the ALS time
         raise SkipLayer(f"no rank saves parameters ({spec.describe()} gives CP rank {rank}: "
                         f"{rank * g * (o + i + sum(ks))} >= {w.numel()} weights)")
+    if iteration_cap(w[0], rank) < MAX_ITERATIONS:
+        notes.append(f"CP-ALS held to {iteration_cap(w[0], rank)} iterations at rank {rank} (a large layer)")
     results = _decompose_groups(w, rank, notes)
     if results is None and rank > 1:
         rank = round_down(rank // 2, spec.multiple, rank // 2)

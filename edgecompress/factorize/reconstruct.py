@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 
 import torch
@@ -23,8 +24,17 @@ from edgecompress.capture.stats import LayerInputs
 from edgecompress.factorize.base import FactorizedLayer
 from edgecompress.factorize.layers import ConvChain, LowRankLinear
 
+log = logging.getLogger(__name__)
+
 REFINE_BUDGET = 1 << 21  # target values the refine fits on (8 MB of float32)
 REFINE_STEPS = 20  # digits TT-4x: 10 steps 97.8%, 20 steps 98.9%, 30 steps 98.9% (11, 15, 20 s)
+# multiply-adds one refine may spend (an evaluation is a forward and a backward, about 3 forwards; L-BFGS's
+# line search makes about 1.25 evaluations a step): a chain dearer than that gets fewer samples, then fewer
+# steps (at least MIN_REFINE_STEPS). CREPE full's TT conv2 at 4x costs 12.5 GMAC a sample (the dense conv
+# 1.1): 20 steps on 8 samples ran over 17 minutes; held to 1 sample and 6 steps, the export takes 3 minutes at
+# 74.25% RPA (1.5e11, 3 steps: 2.5 minutes, 48.5%). digits tt 4x is not held: 98.6%
+REFINE_MACS = 3e11
+MIN_REFINE_STEPS = 3
 
 
 def _last_and_prefix(chain: FactorizedLayer) -> tuple[nn.Module, nn.Module] | None:
@@ -251,6 +261,28 @@ def _within_budget(currents: list[torch.Tensor], targets: list[torch.Tensor]):
     return kept_x, kept_y
 
 
+def _within_compute(chain: nn.Module, currents: list[torch.Tensor], targets: list[torch.Tensor], steps: int):
+    """Samples and L-BFGS steps whose forward and backward passes stay within ``REFINE_MACS``."""
+    from edgecompress.stats import count_macs
+
+    with torch.no_grad():
+        per_eval = 3 * 1.25 * count_macs(chain, [currents[0][:1]])[0]  # one sample, forward and backward
+    samples = sum(len(x) for x in currents)
+    if per_eval * samples * steps <= REFINE_MACS:
+        return currents, targets, steps
+    keep = max(1, min(samples, int(REFINE_MACS // (per_eval * steps))))
+    kept_x, kept_y, left = [], [], keep
+    for x, y in zip(currents, targets):
+        if left > 0:
+            kept_x.append(x[:left])
+            kept_y.append(y[:left])
+            left -= len(kept_x[-1])
+    steps = max(MIN_REFINE_STEPS, min(steps, int(REFINE_MACS // (per_eval * keep))))
+    log.info("refine held to %d sample(s) and %d L-BFGS steps: the chain costs %.3g MACs a sample", keep, steps,
+             per_eval / 3.75)
+    return kept_x, kept_y, steps
+
+
 def rectified(rectifier, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """``relu(scale * y + shift)`` per output channel of ``layer`` (``y`` as it returns it); ``y`` itself when
     ``rectifier`` is None."""
@@ -286,6 +318,7 @@ def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps
     with torch.no_grad():
         targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
     currents, targets = _within_budget(inputs.current, targets)
+    currents, targets, steps = _within_compute(chain, currents, targets, steps)
     targets = [rectified(rectifier, layer, t) for t in targets]
     before = _held_error(chain, layer, inputs, rectifier)
     trial = copy.deepcopy(chain).train()

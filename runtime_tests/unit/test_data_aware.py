@@ -3,6 +3,8 @@ where weight-only factors lose it, at the same ranks, and the per-layer output e
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -109,3 +111,48 @@ def test_a_narrow_head_stays_dense_unless_named():
     assert head.method == "dense" and "only 4 outputs" in head.reason
     _, report = factorize(model, FactorizeConfig(method="svd", ratio=2, min_outputs=16, include=("2",)))
     assert {r.name: r for r in report.layers}["2"].method == "svd"
+
+
+def test_fitted_chains_are_replayed_exactly_when_later_inputs_are_caught():
+    """The capture keeps each fitted chain's outputs instead of running it again for every later layer: the
+    inputs it then catches are the working model's own, an in-place ReLU after the chain included."""
+    from edgecompress.capture import TorchCapture
+    from edgecompress.capture.torch_capture import catch_inputs
+    from edgecompress.factorize.ranks import RankSpec
+    from edgecompress.factorize.registry import decomposer_for
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(24, 3, 12, 12)
+    capture = TorchCapture(model, copy.deepcopy(model), calibration_set({"input": x.numpy()}, "random"))
+    for name in ("0", "2"):
+        capture.inputs(name)
+        chain = decomposer_for("tucker", model.get_submodule(name))(model.get_submodule(name), RankSpec(ratio=2)).module
+        model.set_submodule(name, chain)
+        capture.replace(name, chain)
+    assert set(capture._replays) == {"0", "2"}
+    caught = capture.inputs("4")
+    batches = [b["input"] for b in capture.calib.fit + capture.calib.held]
+    direct = [catch_inputs(model, ["4"], torch.from_numpy(b))["4"] for b in batches]
+    for got, want in zip(caught.current + caught.held_current, direct):
+        assert torch.equal(got, want)
+    assert isinstance(model.get_submodule("2"), type(chain))  # the chains are back in place
+
+
+def test_the_refine_is_held_to_a_compute_budget(monkeypatch):
+    """A chain too dear to refine on all its samples gets fewer samples, then fewer L-BFGS steps (at least 3)."""
+    from edgecompress.factorize import reconstruct
+
+    chain = nn.Linear(64, 64, bias=False)  # 4096 MACs a sample: 15360 an evaluation, with the backward
+    xs, ys = [torch.randn(10, 64), torch.randn(10, 64)], [torch.randn(10, 64), torch.randn(10, 64)]
+    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360 * 20 * 20)
+    assert [len(x) for x in reconstruct._within_compute(chain, xs, ys, 20)[0]] == [10, 10]
+    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360 * 5 * 20)
+    kept, targets, steps = reconstruct._within_compute(chain, xs, ys, 20)
+    assert [len(x) for x in kept] == [5] and [len(y) for y in targets] == [5] and steps == 20
+    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360 * 4)
+    kept, _, steps = reconstruct._within_compute(chain, xs, ys, 20)
+    assert sum(len(x) for x in kept) == 1 and steps == 4
+    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360)
+    assert reconstruct._within_compute(chain, xs, ys, 20)[2] == reconstruct.MIN_REFINE_STEPS
