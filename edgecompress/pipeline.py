@@ -248,6 +248,9 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
     _note_calibration(report, calib, config)
     dense_params = exporters.param_count(proto)
     jobs = config.jobs()
+    if config.eval and any(targets for *_, targets in jobs):
+        report.notes.append(f"the planned variants are not checked with {config.eval} (--eval) while planning: that "
+                            "needs a PyTorch model; they are scored with it like every variant")
     progress.start("factorize", len(jobs) + 1)
     progress.advance("factorize", "dense")
     report.variants.append(_write_variant(Variant(name="dense", method="dense", params=dense_params, compression=1.0),
@@ -360,6 +363,7 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
     report.variants.append(Variant(name="dense", method="dense", params=dense_params, macs=dense_macs, compression=1.0))
     modules = {"dense": dense}
     jobs = config.jobs()
+    judge = _plan_judge(config, loaded, dense) if config.eval and any(targets for *_, targets in jobs) else None
     progress.start("factorize", len(jobs))
     for name, method, ratio, targets in jobs:
         variant = Variant(name=name, method=method, ratio=ratio)
@@ -367,7 +371,8 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
         progress.advance("factorize", variant.name)
         t0 = time.perf_counter()
         try:
-            module, frep = factorize(dense, _fconfig(config, method, ratio, targets), samples[:1], calib=calib)
+            module, frep = factorize(dense, _fconfig(config, method, ratio, targets), samples[:1], calib=calib,
+                                     judge=judge if targets else None)
         except Exception as exc:  # one variant's failure must not stop the others
             _fail(variant, "factorize", exc)
             continue
@@ -423,7 +428,7 @@ def _finetune(modules: dict[str, nn.Module], dense: nn.Module, data: RunData | N
         try:
             history = distill_(modules[name], dense, loader, ft,
                                lambda epoch, loss, n=name: progress.advance("finetune", f"{n} epoch {epoch}: loss {loss:.4f}"),
-                               held_out=held, evaluate=_epoch_scorer(config, loaded))
+                               held_out=held, evaluate=_user_scorer(config, loaded))
         except Exception as exc:
             _fail(variant, "finetune", exc)
             del modules[name]
@@ -434,7 +439,16 @@ def _finetune(modules: dict[str, nn.Module], dense: nn.Module, data: RunData | N
         variant.seconds["finetune"] = history["seconds"]
 
 
-def _epoch_scorer(config: RunConfig, loaded: LoadedModel):
+def _plan_judge(config: RunConfig, loaded: LoadedModel, dense: nn.Module):
+    """With ``--eval``: the user's metric bounds each planned variant, at the dense model's score less
+    ``--max-drop`` (in the metric's units), measured on the whole model (``plan.ScoreBound``)."""
+    from edgecompress.plan import ScoreBound
+
+    score = _user_scorer(config, loaded)
+    return ScoreBound(score, score(dense) - config.max_drop, f"{config.eval.rpartition(':')[2]} (--eval)")
+
+
+def _user_scorer(config: RunConfig, loaded: LoadedModel):
     """With ``--eval``: a student's score by the user's function, on the student written to a temporary ONNX
     file (what each fine-tuning epoch is then judged by); else None (the held-out agreement or loss)."""
     if not config.eval:

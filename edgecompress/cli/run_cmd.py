@@ -73,7 +73,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--eval", "user_eval", metavar="FILE.py:FUNCTION",
               help="Your task metric: a function taking an ONNX file's path and returning a score, higher is "
                    "better. Every variant is scored with it (the report's score column, the recommendation, the "
-                   "Pareto front), and so is each fine-tuning epoch.")
+                   "Pareto front), and so is each fine-tuning epoch. A planned variant (--target) is stepped back "
+                   "towards dense until it scores within --max-drop of dense (PyTorch models).")
 @click.option("--no-plan", is_flag=True, help="No planned variant (only the uniform method x ratio ones).")
 @click.option("--keep-faster", is_flag=True,
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "

@@ -73,17 +73,19 @@ class FactorizeReport:
 
 
 def factorize(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
-              progress: Progress | None = None, calib=None, sequential: bool = True) -> tuple[nn.Module, FactorizeReport]:
+              progress: Progress | None = None, calib=None, sequential: bool = True,
+              judge=None) -> tuple[nn.Module, FactorizeReport]:
     """A factorized copy of ``model`` and its per-layer report; ``model`` is left untouched.
     With example ``inputs`` the report also holds MACs before and after; with a ``calib``
     (``capture.CalibrationSet``) the factors are fitted to the data (see ``factorize_``)."""
     new = copy.deepcopy(model)
-    return new, factorize_(new, config, inputs, progress, calib, sequential=sequential)
+    return new, factorize_(new, config, inputs, progress, calib, sequential=sequential, judge=judge)
 
 
 @torch.no_grad()
 def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
-               progress: Progress | None = None, calib=None, capture=None, sequential: bool = True) -> FactorizeReport:
+               progress: Progress | None = None, calib=None, capture=None, sequential: bool = True,
+               judge=None) -> FactorizeReport:
     """Factorize ``model`` in place and return the per-layer report.
 
     With calibration data (``calib``, or a ready ``capture`` of layer inputs: ONNX input brings its own)
@@ -91,7 +93,8 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     factors (whitened, ``capture.stats``), then the last step refit to the dense layer's outputs
     (``reconstruct``), and its output error measured on held-out samples. ``config.data_free`` keeps the
     weight-only factors and only measures them. ``sequential=False`` fits every layer on the dense model's
-    inputs instead (one calibration pass for all layers: what ``plan`` does by default, for speed)."""
+    inputs instead (one calibration pass for all layers: what ``plan`` does by default, for speed). ``judge``
+    (``plan.ScoreBound``, the user's metric) bounds a ``config.targets`` plan, checked on the whole model."""
     start = time.perf_counter()
     model.eval()
     macs_before = count_macs(model, inputs)[1] if inputs is not None else {}
@@ -110,7 +113,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
         candidates = sorted((c for c in candidates if c[0] in order), key=lambda c: order.index(c[0]))
     plan, before = None, {}  # before: each refitted layer's chain state before its refit
     if config.targets:
-        config, plan = _plan(model, config, candidates, capture, inputs, progress)
+        config, plan = _plan(model, config, candidates, capture, inputs, progress, judge)
     for index, (name, layer) in enumerate(candidates):
         if progress:
             progress(name, index, len(candidates))
@@ -136,7 +139,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     return FactorizeReport(config, records, time.perf_counter() - start, calibration, plan)
 
 
-def _plan(model, config, candidates, capture, inputs, progress):
+def _plan(model, config, candidates, capture, inputs, progress, judge=None):
     """``config`` with each layer's method and ratio chosen for its targets (``edgecompress.plan``): layers
     the plan cannot use stay dense, layers with a size or output floor keep their reason."""
     from edgecompress.plan import allocate
@@ -147,7 +150,7 @@ def _plan(model, config, candidates, capture, inputs, progress):
         return all(_skip_reason(name, layer, m, config, _parent(model, name)) for m in methods if m != "dense")
 
     planned, plan = allocate(model, config, candidates, capture, inputs, skip,
-                             (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None)
+                             (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None, judge)
     listed = set(plan["layers"])
     unused = tuple((name, {"method": "dense"}) for name, layer in candidates
                    if name not in listed and not skip(name, layer, plan["methods"]))

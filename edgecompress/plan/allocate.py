@@ -48,7 +48,7 @@ class Candidate:
     macs: int | None
     damage: float  # squared relative error (see the module docstring); 0 for dense
     ms: float | None = None  # measured alone on the provider (latency targets only)
-    chain: nn.Module | None = dataclasses.field(default=None, repr=False)  # kept for --max-error's checks
+    chain: nn.Module | None = dataclasses.field(default=None, repr=False)  # kept for --max-error's and --eval's checks
 
     def cost(self, kind: str) -> float:
         return {"params": self.params, "macs": self.macs, "latency": self.ms}[kind]
@@ -64,10 +64,11 @@ class Candidate:
 
 
 def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
-                     sample: torch.Tensor | None = None, timing=None) -> list[Candidate]:
+                     sample: torch.Tensor | None = None, timing=None, keep_chains: bool = False) -> list[Candidate]:
     """Dense, then each method at each rung of ``LADDER`` that saves parameters (chains with the same ranks
     counted once), scored on ``capture``'s held-out samples when there is one; with a ``timing`` config
-    (a ``LatencyConfig``) every candidate is also timed on its provider (``plan.timing``)."""
+    (a ``LatencyConfig``) every candidate is also timed on its provider (``plan.timing``). ``keep_chains``:
+    each candidate keeps its chain, for the whole-model checks (``--max-error``, ``--eval``)."""
     from edgecompress.capture.stats import layer_stats
     from edgecompress.factorize.api import relative_error
 
@@ -98,7 +99,7 @@ def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
             else:
                 damage = relative_error(layer.weight, chain.dense_weight()) ** 2
             out.append(Candidate(method, ratio, list(chain.ranks()), chain_params, _macs(chain, sample), damage,
-                                 chain=chain if config.max_error is not None else None))
+                                 chain=chain if keep_chains else None))
             if timing is not None:
                 chains.append(chain)
     if timing is not None and len(out) > 1:
@@ -168,9 +169,10 @@ def _glob_escape(name: str) -> str:
 
 def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capture=None,
              inputs: list[torch.Tensor] | None = None, skip: Callable | None = None,
-             progress: Callable | None = None) -> tuple[object, dict]:
+             progress: Callable | None = None, judge: ScoreBound | None = None) -> tuple[object, dict]:
     """Plan ``layers`` (forward order) of ``model`` for ``config.targets``: the config with one override per
-    layer (its chosen method and ratio, or dense) and the plan as a dict for the report."""
+    layer (its chosen method and ratio, or dense) and the plan as a dict for the report. With ``judge`` (the
+    user's metric, ``run --eval``) the choice is also stepped back until the whole model scores at its floor."""
     start = time.perf_counter()
     methods = tuple(config.methods) or DEFAULT_METHODS
     samples = _samples(model, layers, capture, inputs)
@@ -199,7 +201,8 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
             progress(name, index, len(layers))
         if skip is not None and skip(name, layer, methods):
             continue
-        options = layer_candidates(name, layer, config, methods, capture, samples.get(name), timing)
+        options = layer_candidates(name, layer, config, methods, capture, samples.get(name), timing,
+                                   keep_chains=config.max_error is not None or (judge is not None and inputs is not None))
         if len(options) > 1:
             curves[name] = options
             for kind in fixed:
@@ -217,17 +220,28 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     if timing is not None:
         at, chosen, met, reached["latency"], checks = _check_latency(model, config, layers, curves, budgets, at,
                                                                      inputs, timing)
-    error_checks = []
-    if config.max_error is not None:
-        before = dict(at)
-        at, chosen, bounded, error_checks = _bound_error(model, layers, curves, at, capture, config.max_error)
+    error_checks, score_checks = [], []
+
+    def reach_again(before):  # after a step back: the costs summed again, the speedup measured again
         for kind in kinds:
             if kind != "latency":
                 reached[kind] = round(totals[kind] / max(1e-9, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
-            elif at != before:  # stepped back: the speedup is measured again
+            elif at != before:
                 dense_ms, planned_ms = _time_choice(model, config, dict(layers), curves, at, inputs, timing)
                 reached["latency"] = round(dense_ms / planned_ms, 4)
-        met = bounded and all(reached[kind] >= value * (1 - 1e-6) for kind, value in config.targets)
+        return all(reached[kind] >= value * (1 - 1e-6) for kind, value in config.targets)
+
+    if config.max_error is not None:
+        before = dict(at)
+        at, chosen, bounded, error_checks = _bound_error(model, layers, curves, at, capture, config.max_error)
+        met = reach_again(before) and bounded
+    skipped_judge = None
+    if judge is not None and inputs is None:
+        skipped_judge = f"the {judge.name} check of the plan needs a PyTorch model: an ONNX file's plan is not scored"
+    elif judge is not None:
+        before = dict(at)
+        at, chosen, scored, score_checks = _bound_score(model, layers, curves, at, judge)
+        met = reach_again(before) and scored and (not error_checks or error_checks[-1]["error"] <= config.max_error)
     overrides = tuple((_glob_escape(name), {"method": "dense"} if c.method == "dense" else
                        {"method": c.method, "ratio": c.ratio}) for name, c in chosen.items())
     layers_out = {}
@@ -246,11 +260,19 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         plan["max_error"] = {"bound": config.max_error, "measured": error_checks[-1]["error"], "checks": error_checks,
                              "on": f"{capture.calib.held_count or capture.calib.fit_count} held-out samples, relative "
                                    "error of the model's outputs, the plan's screening factors in place"}
+    if score_checks:
+        plan["eval"] = {"metric": judge.name, "floor": round(judge.floor, 6), "measured": score_checks[-1]["score"],
+                        "checks": score_checks, "on": "the whole model, the plan's screening factors in place"}
+    elif skipped_judge:
+        plan["eval"] = {"metric": judge.name, "skipped": skipped_judge}
     if not met:
         bounded = f" within --max-error {config.max_error:g}" if config.max_error is not None else ""
+        if score_checks:
+            bounded += f"{' and' if bounded else ''} at {judge.name} >= {judge.floor:.4g}"
         plan["note"] = (f"the target ({describe(config.targets)}) cannot be reached with these methods and layers"
                         f"{bounded}; the best reached is {describe(reached.items())}"
-                        + (f", at a measured error of {error_checks[-1]['error']:.4g}" if error_checks else ""))
+                        + (f", at a measured error of {error_checks[-1]['error']:.4g}" if error_checks else "")
+                        + (f", at a {judge.name} of {score_checks[-1]['score']:.4g}" if score_checks else ""))
     log.info("plan for %s: reached %s", describe(config.targets), describe(reached.items()))
     return dataclasses.replace(config, targets=(), max_error=None, overrides=tuple(config.overrides) + overrides), plan
 
@@ -310,32 +332,29 @@ def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
     return at, {n: curves[n][k] for n, k in at.items()}, speedup >= target, round(speedup, 4), checks
 
 
-ERROR_CHECKS = 12  # whole-model error measurements of --max-error, one step back towards dense between each
+ERROR_CHECKS = 12  # whole-model measurements of --max-error (or --eval), one step back towards dense between each
 
 
-def _bound_error(model, layers, curves, at, capture, bound):
-    """Measure the whole model's output error on the held-out samples with the chosen candidates in place;
-    while it is above ``bound``, step back the one layer whose next less damaging candidate removes the most
-    damage per parameter it adds, and measure again. The layers' damages were each measured alone: their sum
-    is not the model's error (errors grow or cancel through the layers after), so the bound is checked on the
-    whole model. Returns the choice, its candidates, whether the bound holds, and the checks."""
-    originals = {name: model.get_submodule(name) for name, _ in layers}
-    checks = []
+@dataclasses.dataclass(frozen=True)
+class ScoreBound:
+    """The user's task metric as a bound on the plan (``run --eval``): ``score(model)`` (higher is better) must
+    stay at or above ``floor``; ``name`` says whose metric it is."""
 
-    def measure() -> float:
-        chains = {n: curves[n][k].chain for n, k in at.items() if curves[n][k].method != "dense"}
-        try:
-            return capture.model_error(chains) if chains else 0.0
-        finally:
-            for name in chains:  # a PyTorch capture swaps them into the model: put the dense layers back
-                model.set_submodule(name, originals[name])
+    score: Callable[[nn.Module], float]
+    floor: float
+    name: str = "score"
 
-    at = dict(at)
+
+def _step_back(curves, at, measure, holds, record):
+    """Measure the choice ``at``; while ``holds(value)`` is false, step back the one layer whose next less
+    damaging candidate removes the most damage per parameter it adds, and measure again (``ERROR_CHECKS``
+    at most). Returns the choice and the checks (``record(value)`` each, with its parameters and damage)."""
+    at, checks = dict(at), []
     for check in range(ERROR_CHECKS):
-        error = measure()
-        checks.append({"error": round(error, 6), "params": sum(curves[n][k].params for n, k in at.items()),
+        value = measure(at)
+        checks.append({**record(value), "params": sum(curves[n][k].params for n, k in at.items()),
                        "damage": round(sum(curves[n][k].damage for n, k in at.items()), 6)})
-        if error <= bound or check == ERROR_CHECKS - 1:
+        if holds(value) or check == ERROR_CHECKS - 1:
             break
         best = None
         for name, options in curves.items():
@@ -349,7 +368,45 @@ def _bound_error(model, layers, curves, at, capture, bound):
         if best is None:
             break
         at[best[1]] = best[2]
+    return at, checks
+
+
+def _in_place(model, layers, curves, at, measure):
+    """``measure()`` with the chosen candidates' chains swapped into ``model``, the dense layers put back after."""
+    originals = {name: model.get_submodule(name) for name, _ in layers}
+    chains = {n: curves[n][k].chain for n, k in at.items() if curves[n][k].method != "dense"}
+    try:
+        return measure(chains)
+    finally:
+        for name in chains:
+            model.set_submodule(name, originals[name])
+
+
+def _bound_error(model, layers, curves, at, capture, bound):
+    """Measure the whole model's output error on the held-out samples with the chosen candidates in place;
+    step back towards dense (``_step_back``) while it is above ``bound``. The layers' damages were each
+    measured alone: their sum is not the model's error (errors grow or cancel through the layers after), so
+    the bound is checked on the whole model. Returns the choice, its candidates, whether the bound holds, and
+    the checks."""
+    measure = lambda at: _in_place(model, layers, curves, at,  # noqa: E731
+                                   lambda chains: capture.model_error(chains) if chains else 0.0)
+    at, checks = _step_back(curves, at, measure, lambda error: error <= bound, lambda e: {"error": round(e, 6)})
     return at, {n: curves[n][k] for n, k in at.items()}, checks[-1]["error"] <= bound, checks
+
+
+def _bound_score(model, layers, curves, at, judge: ScoreBound):
+    """The user's metric on the whole model with the chosen candidates in place (the plan's screening factors,
+    as ``--max-error`` measures them); step back towards dense while it is below ``judge.floor``."""
+    def measure(at):
+        def score(chains):
+            for name, chain in chains.items():
+                model.set_submodule(name, chain)
+            return judge.score(model)
+
+        return _in_place(model, layers, curves, at, score)
+
+    at, checks = _step_back(curves, at, measure, lambda v: v >= judge.floor, lambda v: {"score": round(v, 6)})
+    return at, {n: curves[n][k] for n, k in at.items()}, checks[-1]["score"] >= judge.floor, checks
 
 
 def _samples(model, layers, capture, inputs) -> dict[str, torch.Tensor | None]:

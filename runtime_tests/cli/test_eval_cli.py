@@ -98,3 +98,21 @@ def test_a_bad_score_is_one_line(metric, name, message):
     fn = load_eval(f"{metric}:{name}")
     with pytest.raises(ConfigError, match=message):
         fn("m.onnx")
+
+
+def test_a_planned_variant_is_stepped_back_until_the_users_metric_holds(cli, tmp_path, metric):
+    """params=12x on digits scores 43% by the user's metric; with --max-drop 0 the plan steps layers back
+    towards dense, measuring each step, until it scores what dense scores, and says the target is missed."""
+    out = tmp_path / "o"
+    result = cli("run", "-o", out, "--methods", "svd", "--ratio", "8", "--target", "params=12x", "--max-drop", "0",
+                 "--no-int8", "--bench-runs", "2", "--threads", "1", "--eval", f"{metric}:accuracy")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    dense = next(v for v in data["variants"] if v["name"] == "dense")
+    plan = next(v for v in data["variants"] if v["name"] == "auto-params12x")["plan"]
+    scores = [c["score"] for c in plan["eval"]["checks"]]
+    assert plan["eval"]["metric"] == "accuracy (--eval)" and plan["eval"]["floor"] == pytest.approx(dense["score"], abs=1e-6)
+    assert len(scores) >= 2 and scores[0] < plan["eval"]["floor"] <= scores[-1]
+    params = [c["params"] for c in plan["eval"]["checks"]]
+    assert params == sorted(params) and params[0] < params[-1]  # each step gives parameters back
+    assert not plan["met"] and "accuracy (--eval)" in plan["note"] and "params 12x" in plan["note"]
