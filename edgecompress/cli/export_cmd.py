@@ -125,6 +125,9 @@ def _print_summary(report: dict) -> None:
                       f" ({totals['params_dense'] / totals['params']:.2f}x)")
         if "macs" in totals:
             table.add_row("MACs", f"{fmt_int(totals['macs_dense'])} -> {fmt_int(totals['macs'])}")
+            if totals["macs_dense"] and totals["macs"] > totals["macs_dense"]:
+                table.add_row("note", f"{totals['macs'] / totals['macs_dense']:.1f}x the dense model's MACs: expect it "
+                              "to run slower (--keep-faster keeps a layer dense where its chain is not faster)")
         error = report["error_vs_dense"]
         agree = f", top-1 agreement {100 * error['top1_agreement']:.1f}%" if "top1_agreement" in error else ""
         table.add_row("error vs dense (rel)", f"{error['rel_error']:.3g} on {error['samples']} "

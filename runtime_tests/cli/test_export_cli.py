@@ -92,3 +92,14 @@ def test_output_in_a_place_that_refuses_files_is_one_line(cli, tmp_path, command
     args = [str(model) if a == "MODEL" else a for a in command]
     result = cli(*args, "-o", "/proc/edgecompress-test.onnx")
     assert "cannot write to '/proc'" in _one_line_error(result)
+
+
+def test_a_factorized_model_with_more_macs_than_dense_says_it_will_run_slower(cli, tmp_path):
+    """TT-conv compresses parameters, not compute: digits at tt 4x has more MACs than dense, and export says so."""
+    out, report = tmp_path / "tt.onnx", tmp_path / "tt.json"
+    result = cli("export", "digits_cnn", "--method", "tt", "--ratio", "4", "--data-free", "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    totals = json.loads(report.read_text())["totals"]
+    assert totals["macs"] > totals["macs_dense"] and totals["params"] < totals["params_dense"]
+    text = " ".join(result.output.split())
+    assert f"{totals['macs'] / totals['macs_dense']:.1f}x the dense model's MACs" in text and "run slower" in text
