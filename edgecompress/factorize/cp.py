@@ -238,8 +238,9 @@ def _cp_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) 
     if rank * g * (o + i + sum(ks)) >= w.numel():  # say so before spending the ALS time
         raise SkipLayer(f"no rank saves parameters ({spec.describe()} gives CP rank {rank}: "
                         f"{rank * g * (o + i + sum(ks))} >= {w.numel()} weights)")
-    if iteration_cap(w[0], rank) < MAX_ITERATIONS:
-        notes.append(f"CP-ALS held to {iteration_cap(w[0], rank)} iterations at rank {rank} (a large layer)")
+    iterations = iteration_cap(w[0], rank)
+    if iterations < MAX_ITERATIONS:
+        notes.append(f"CP-ALS held to {iterations} iterations at rank {rank} (a large layer)")
     results = _decompose_groups(w, rank, notes)
     if results is None and rank > 1:
         rank = round_down(rank // 2, spec.multiple, rank // 2)

@@ -181,6 +181,8 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         raise ConfigError(f"a {' and '.join(k for k in kinds if k != 'params')} target needs the layers' input "
                           "shapes: give --calib data or --input-shape")
     timing = _timing(config) if "latency" in kinds else None
+    if judge is not None and inputs is None:
+        raise ConfigError("a plan is checked with your metric (--eval) on a PyTorch model only")
     if config.max_error is not None and capture is None:
         raise ConfigError("--max-error is measured on held-out calibration samples: give --calib data")
     if timing is not None and inputs is None:
@@ -202,7 +204,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         if skip is not None and skip(name, layer, methods):
             continue
         options = layer_candidates(name, layer, config, methods, capture, samples.get(name), timing,
-                                   keep_chains=config.max_error is not None or (judge is not None and inputs is not None))
+                                   keep_chains=config.max_error is not None or judge is not None)
         if len(options) > 1:
             curves[name] = options
             for kind in fixed:
@@ -235,10 +237,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         before = dict(at)
         at, chosen, bounded, error_checks = _bound_error(model, layers, curves, at, capture, config.max_error)
         met = reach_again(before) and bounded
-    skipped_judge = None
-    if judge is not None and inputs is None:
-        skipped_judge = f"the {judge.name} check of the plan needs a PyTorch model: an ONNX file's plan is not scored"
-    elif judge is not None:
+    if judge is not None:
         before = dict(at)
         at, chosen, scored, score_checks = _bound_score(model, layers, curves, at, judge)
         met = reach_again(before) and scored and (not error_checks or error_checks[-1]["error"] <= config.max_error)
@@ -263,8 +262,6 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     if score_checks:
         plan["eval"] = {"metric": judge.name, "floor": round(judge.floor, 6), "measured": score_checks[-1]["score"],
                         "checks": score_checks, "on": "the whole model, the plan's screening factors in place"}
-    elif skipped_judge:
-        plan["eval"] = {"metric": judge.name, "skipped": skipped_judge}
     if not met:
         bounded = f" within --max-error {config.max_error:g}" if config.max_error is not None else ""
         if score_checks:
