@@ -102,6 +102,20 @@ class ChannelSVDConv(ConvChain):
         return [self.convs()[0].out_channels // self.groups]
 
 
+class InputSVDConv(ConvChain):
+    """Channel SVD on the input side: conv 1x1 (I -> r per group) then conv k (r -> O, bias, stride/padding/
+    dilation). It keeps more rank than ``ChannelSVDConv`` where O is small against I * k (CREPE's 1024 -> 128
+    conv with 64 taps)."""
+
+    def dense_weight(self) -> torch.Tensor:
+        first, second = (self._grouped(c) for c in self.convs())
+        project = first.flatten(3)[..., 0]  # [g, r, i]
+        return self._ungroup(torch.einsum("gor...,gri->goi...", second, project))
+
+    def ranks(self) -> list[int]:
+        return [self.convs()[0].out_channels // self.groups]
+
+
 class SpatialSVDConv(ConvChain):
     """Spatial SVD (Jaderberg): conv kh x 1 (I -> r) then conv 1 x kw (r -> O, bias)."""
 

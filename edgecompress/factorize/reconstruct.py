@@ -45,9 +45,23 @@ def _last_and_prefix(chain: FactorizedLayer) -> tuple[nn.Module, nn.Module] | No
     return None
 
 
+# the most features (the last step's inputs per group: channels x kernel taps) a closed-form refit solves for:
+# its ridge solves are cubic in them (CREPE tiny's input-side SVD conv2, 56 x 64 = 3584 features: 32 s of solves
+# for one layer); a chain with more gets ``refine_`` instead
+REFIT_FEATURES = 2048
+
+
+def _feature_count(last: nn.Module) -> int:
+    if isinstance(last, nn.Linear):
+        return last.in_features
+    return last.in_channels // last.groups * math.prod(last.kernel_size)
+
+
 def can_refit(chain: FactorizedLayer) -> bool:
     pair = _last_and_prefix(chain)
-    return pair is not None and not (isinstance(pair[0], (nn.Conv1d, nn.Conv2d)) and isinstance(pair[0].padding, str))
+    if pair is None or _feature_count(pair[0]) > REFIT_FEATURES:
+        return False
+    return not (isinstance(pair[0], (nn.Conv1d, nn.Conv2d)) and isinstance(pair[0].padding, str))
 
 
 def _features(last: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -58,8 +72,11 @@ def _features(last: nn.Module, h: torch.Tensor) -> torch.Tensor:
     g = last.groups
     if all(k == 1 for k in last.kernel_size) and all(s == 1 for s in last.stride) and not any(last.padding):
         rows = h.movedim(1, -1).reshape(-1, h.shape[1])
-    else:  # a 1 x kw step (spatial SVD): im2col with the step's geometry
-        cols = F.unfold(h, last.kernel_size, last.dilation, last.padding, last.stride)  # [N, C*k, L]
+    else:  # a step with a kernel (spatial SVD's 1 x kw, input-side SVD's k): im2col with the step's geometry
+        geometry = (last.kernel_size, last.dilation, last.padding, last.stride)
+        if h.dim() == 3:  # Conv1d: as a Conv2d of height 1
+            h, geometry = h.unsqueeze(2), tuple((1, *v) for v in geometry)
+        cols = F.unfold(h, *geometry)  # [N, C*k, L]
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return rows.reshape(len(rows), g, -1).transpose(0, 1)
 

@@ -25,7 +25,7 @@ from edgecompress.capture.stats import LayerStats
 from edgecompress.factorize.base import SCREENING, SkipLayer, one_thread
 from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
-from edgecompress.factorize.layers import ChannelSVDConv, LowRankLinear, SpatialSVDConv
+from edgecompress.factorize.layers import ChannelSVDConv, InputSVDConv, LowRankLinear, SpatialSVDConv
 from edgecompress.factorize.ranks import RankSpec, single_rank
 from edgecompress.factorize.registry import Decomposition, register
 
@@ -137,9 +137,36 @@ def delegate_linear(layer: nn.Linear, spec: RankSpec, method: str, stats: LayerS
 @register("svd", nn.Conv1d, nn.Conv2d)
 @one_thread()
 def svd_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
-    """Channel SVD: conv k (I -> r per group) then conv 1x1 (r -> O, bias)."""
+    """Channel SVD, on the side that keeps more of the layer: conv k (I -> r per group) then conv 1x1
+    (r -> O, bias), or conv 1x1 (I -> r) then conv k (r -> O, bias) where, for a ratio, that has the lower
+    weight error at the same parameters (``_input_side``). The side is chosen on the weights, so that a layer
+    gets the same chain with data or without (CREPE full svd 4x, 64 tones: RPA 96.75%; chosen on the
+    data-weighted error 95.25%; the output side everywhere 87.0%). A rank or an energy keeps the first form."""
     geo = check_factorizable(layer)
     w = grouped_weight(layer)
+    if geo.pointwise or spec.ratio is None:
+        return _output_side(layer, geo, w, spec, stats)
+    sides = []
+    for side in (_output_side, _input_side):
+        try:
+            sides.append(side(layer, geo, w, spec, stats))
+        except SkipLayer as skip:
+            reason = skip
+    if not sides:
+        raise reason
+    errors = [relative_weight_error(w, d.module) for d in sides]
+    if len(sides) == 2:
+        chosen = min((1, 0), key=lambda k: (errors[k], k))  # a tie keeps the output side
+        sides[chosen].notes.append(
+            f"{'input' if chosen else 'output'}-side channel SVD (rank {sides[chosen].module.ranks()[0]}): weight "
+            f"error {errors[chosen]:.3g} against {errors[1 - chosen]:.3g} for the {'output' if chosen else 'input'} "
+            f"side at the same ratio")
+        return sides[chosen]
+    return sides[0]
+
+
+def _output_side(layer: nn.Module, geo, w: torch.Tensor, spec: RankSpec, stats: LayerStats | None) -> Decomposition:
+    """Conv k (I -> r per group) then conv 1x1 (r -> O, bias): ``W [O, I*k]`` in the output data norm."""
     g, o = w.shape[:2]
     mats = w.reshape(g, o, -1)
     a, b, notes = factor_matrices(mats, spec, f"{o}x{w[0, 0].numel()} per group", data_gram(stats, mats))
@@ -152,6 +179,38 @@ def svd_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) 
     if g > 1:
         notes.append(f"factorized per group ({g} groups)")
     return Decomposition(ChannelSVDConv("svd", [*explicit_pad(geo), first, second], g), notes)
+
+
+def _whitens(stats: LayerStats | None) -> bool:
+    return stats is not None and stats.channel is not None
+
+
+def _input_side(layer: nn.Module, geo, w: torch.Tensor, spec: RankSpec, stats: LayerStats | None) -> Decomposition:
+    """Conv 1x1 (I -> r per group) then conv k (r -> O, bias): ``W`` as ``[I, O*k]``, whose rows are whitened
+    by the input channels' covariance (the taps taken as uncorrelated, as for svd-spatial)."""
+    g, o, i = w.shape[:3]
+    mats = w.reshape(g, o, i, -1).transpose(1, 2).reshape(g, i, -1)  # [g, i, o*k]
+    if _whitens(stats):
+        root, inverse = (m.double() for m in stats.whitener(g))
+        mats = root @ mats  # root is symmetric
+    p, q, notes = factor_matrices(mats, spec, f"{i}x{mats.shape[2]} per group")
+    if _whitens(stats):
+        p = inverse @ p.double()  # back from the whitened rows
+    rank = p.shape[2]
+    first = pointwise_step(geo, geo.in_channels, g * rank, g)
+    second = spatial_step(geo, g * rank, geo.out_channels, tuple(range(geo.dims)), g, bias=layer.bias is not None)
+    set_weight(first, p.transpose(1, 2))
+    set_weight(second, q.reshape(g, rank, o, -1).transpose(1, 2))
+    copy_bias(second, layer)
+    if g > 1:
+        notes.append(f"factorized per group ({g} groups)")
+    return Decomposition(InputSVDConv("svd", [*explicit_pad(geo), first, second], g), notes)
+
+
+def relative_weight_error(w: torch.Tensor, chain: nn.Module) -> float:
+    """``||W - W'|| / ||W||`` of ``chain`` against the grouped weight ``w``."""
+    approx = chain.dense_weight().detach().double().reshape(w.shape)
+    return float((w - approx).norm() / w.norm().clamp_min(1e-30))
 
 
 def delegate_pointwise(layer: nn.Module, spec: RankSpec, method: str, stats: LayerStats | None = None) -> Decomposition:
