@@ -66,6 +66,7 @@ class RunConfig:
     rank_multiple: int = 8
     min_params: int = 4096
     min_outputs: int = 16  # classifier heads stay dense
+    head_share: float = 0.05  # the output layer stays dense while it holds at most this share (FactorizeConfig)
     data_free: bool = False  # fit the factors to the weights alone even with data (the data then only measures)
     keep_faster: bool = False  # profile each chain against its dense layer; keep dense where not faster
     keep_faster_precision: str | None = None  # None: int8 when int8 variants are made, else fp32
@@ -349,9 +350,10 @@ def _fconfig(config: RunConfig, method: str, ratio: float | None, targets: tuple
         listed = tuple(config.methods or ())
         return FactorizeConfig(method=listed[0] if listed else "svd", targets=targets, methods=listed,
                                rank_multiple=config.rank_multiple, min_params=config.min_params,
-                               min_outputs=config.min_outputs, data_free=config.data_free, max_error=config.max_error)
+                               min_outputs=config.min_outputs, head_share=config.head_share, data_free=config.data_free,
+                               max_error=config.max_error)
     return FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple, min_params=config.min_params,
-                           min_outputs=config.min_outputs, data_free=config.data_free)
+                           min_outputs=config.min_outputs, head_share=config.head_share, data_free=config.data_free)
 
 
 def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, report: Report,

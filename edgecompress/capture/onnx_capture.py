@@ -89,7 +89,7 @@ class OnnxCapture:
         for k, node in enumerate(self.dense.graph.node):
             for inp in node.input:
                 position.setdefault(inp, k)
-        return sorted((n for n in names if self.activations[n] in position), key=lambda n: position[self.activations[n]])
+        return sorted((n for n in names if self.activations.get(n) in position), key=lambda n: position[self.activations[n]])
 
     def inputs(self, name: str) -> LayerInputs:
         dense, held_dense = self._dense_inputs(name)

@@ -26,6 +26,9 @@ def factorize_options(func):
                   help="JSON/TOML file with defaults and per-layer overrides.")
     @click.option("--min-outputs", type=int, default=None,
                   help="Keep layers with fewer outputs dense, e.g. a classifier head (default 16; 0: factorize them).")
+    @click.option("--head-share", type=click.FloatRange(0, 1), default=None, metavar="SHARE",
+                  help="Keep the output layer (the last in forward order: no later layer corrects its errors) dense "
+                       "while it holds at most this share of the layers' parameters (default 0.05; 0: factorize it).")
     @click.option("--calib", "calib_path", type=click.Path(), default=None, metavar="FILE.npz|DIR",
                   help="Calibration inputs (.npz, or a folder of .npy): the factors are fitted to them and each "
                        "layer's output error is measured on held-out ones. Default: the zoo model's own data, if any.")
@@ -59,10 +62,12 @@ def factorize_options(func):
 # the CLI's size floors, as run's: a layer this small saves nothing worth its error, a head this narrow
 # gets a rank of 1-4 (digits' classifier: rank 4 at --ratio 2 took the model from 99.4% to 10.3%)
 MIN_PARAMS, MIN_OUTPUTS = 4096, 16
+# the output layer stays dense while it holds at most this share of the parameters (FactorizeConfig.head_share)
+HEAD_SHARE = 0.05
 
 
 def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params, include, exclude, config_file,
-                          min_outputs=None, data_free=False, damping=None, max_layer_error=None, calib_path=None,
+                          min_outputs=None, head_share=None, data_free=False, damping=None, max_layer_error=None, calib_path=None,
                           targets=(), methods=None, save_plan=None, max_error=None):
     """A FactorizeConfig from the options, or None when nothing asks for factorization (``calib_path`` is
     only checked for that: the data itself is read by the command; ``save_plan`` only for its folder)."""
@@ -94,7 +99,8 @@ def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params
         if save_plan:
             ensure_writable(save_plan)
     if method is None and "method" not in fields:
-        given = any(v is not None for v in (rank, ratio, energy, min_params, min_outputs, damping, max_layer_error))
+        given = any(v is not None for v in (rank, ratio, energy, min_params, min_outputs, head_share, damping,
+                                            max_layer_error))
         if given or include or exclude or data_free or calib_path:
             raise ConfigError("--rank/--ratio/--energy/--min-params/--include/--exclude/--calib need --method "
                               "(svd, tucker, cp, tt, ...)")
@@ -103,8 +109,9 @@ def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params
         fields.update(rank=None, ratio=None, energy=None)
     fields.setdefault("min_params", MIN_PARAMS)
     fields.setdefault("min_outputs", MIN_OUTPUTS)
+    fields.setdefault("head_share", HEAD_SHARE)
     explicit = {"method": method, "rank": rank, "ratio": ratio, "energy": energy, "rank_multiple": rank_multiple,
-                "min_params": min_params, "min_outputs": min_outputs, "damping": damping,
+                "min_params": min_params, "min_outputs": min_outputs, "head_share": head_share, "damping": damping,
                 "max_layer_error": max_layer_error, "data_free": data_free or None}
     fields.update({k: v for k, v in explicit.items() if v is not None})
     if include:

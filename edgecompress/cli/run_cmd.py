@@ -58,6 +58,10 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--profile", is_flag=True, help="Profile each variant to time every layer (slower).")
 @click.option("--min-params", type=int, default=pipeline.RunConfig.min_params, show_default=True,
               help="Keep layers with fewer parameters dense (listed with the reason).")
+@click.option("--head-share", type=click.FloatRange(0, 1), default=pipeline.RunConfig.head_share, show_default=True,
+              metavar="SHARE",
+              help="Keep the output layer (the last in forward order: no later layer corrects its errors) dense "
+                   "while it holds at most this share of the layers' parameters (0: factorize it).")
 @click.option("--data-free", is_flag=True,
               help="Fit the factors to the weights alone (the data then only measures). Default: fitted to the "
                    "data's train part (calibration), layer by layer.")
@@ -80,7 +84,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
-            finetune_epochs, finetune_minutes, distill_loss, bench_runs, profile, min_params, data_free, keep_faster,
+            finetune_epochs, finetune_minutes, distill_loss, bench_runs, profile, min_params, head_share, data_free,
+            keep_faster,
             targets, no_plan, max_error, max_drop, user_eval):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
@@ -97,8 +102,8 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
     config = pipeline.RunConfig(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
         ratios=ratios, int8=int8, provider=provider, threads=_ints(threads, "--threads"),
-        finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, distill_loss=distill_loss, bench_runs=bench_runs, profile=profile, min_params=min_params,
-        data_free=data_free, keep_faster=keep_faster, targets=planned, max_drop=max_drop, eval=user_eval,
+        finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, distill_loss=distill_loss,
+        bench_runs=bench_runs, profile=profile, min_params=min_params, head_share=head_share, data_free=data_free, keep_faster=keep_faster, targets=planned, max_drop=max_drop, eval=user_eval,
         max_error=max_error)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))

@@ -99,9 +99,9 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     model.eval()
     macs_before = count_macs(model, inputs)[1] if inputs is not None else {}
     types = candidate_types()
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if name and isinstance(m, types) and not isinstance(m, FactorizedLayer)
-                  and not _inside_factorized(model, name) and config.selects(name)]
+    layers = [(name, m) for name, m in model.named_modules()
+              if name and isinstance(m, types) and not isinstance(m, FactorizedLayer) and not _inside_factorized(model, name)]
+    candidates = [(name, m) for name, m in layers if config.selects(name)]
     if capture is None and calib is not None:
         from edgecompress.capture import TorchCapture
 
@@ -112,12 +112,13 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
         unreached = [c for c in candidates if c[0] not in order]
         candidates = sorted((c for c in candidates if c[0] in order), key=lambda c: order.index(c[0]))
     plan, before = None, {}  # before: each refitted layer's chain state before its refit
+    held = _output_layer(layers, candidates, config, capture)
     if config.targets:
-        config, plan = _plan(model, config, candidates, capture, inputs, progress, judge)
+        config, plan = _plan(model, config, candidates, capture, inputs, progress, judge, held)
     for index, (name, layer) in enumerate(candidates):
         if progress:
             progress(name, index, len(candidates))
-        record = _factorize_one(model, name, layer, config, _parent(model, name), capture, before)
+        record = _factorize_one(model, name, layer, config, _parent(model, name), capture, before, held)
         record.macs_before = macs_before.get(name)
         records.append(record)
     for name, layer in unreached:
@@ -139,7 +140,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     return FactorizeReport(config, records, time.perf_counter() - start, calibration, plan)
 
 
-def _plan(model, config, candidates, capture, inputs, progress, judge=None):
+def _plan(model, config, candidates, capture, inputs, progress, judge=None, held=None):
     """``config`` with each layer's method and ratio chosen for its targets (``edgecompress.plan``): layers
     the plan cannot use stay dense, layers with a size or output floor keep their reason."""
     from edgecompress.plan import allocate
@@ -147,7 +148,8 @@ def _plan(model, config, candidates, capture, inputs, progress, judge=None):
     def skip(name, layer, methods):
         if config.for_layer(name)[0] == "dense":
             return True
-        return all(_skip_reason(name, layer, m, config, _parent(model, name)) for m in methods if m != "dense")
+        return all(_skip_reason(name, layer, m, config, _parent(model, name), held)
+                   for m in methods if m != "dense")
 
     planned, plan = allocate(model, config, candidates, capture, inputs, skip,
                              (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None, judge)
@@ -170,7 +172,30 @@ def _parent(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rpartition(".")[0])
 
 
-def _skip_reason(name: str, layer: nn.Module, method: str, config: FactorizeConfig, parent: nn.Module) -> str | None:
+def _output_layer(layers: list[tuple[str, nn.Module]], candidates: list[tuple[str, nn.Module]],
+                  config: FactorizeConfig, capture=None) -> dict[str, str]:
+    """``{name: reason}`` for the output layer when ``config.head_share`` keeps it dense: the last of the
+    model's ``layers`` in forward order (no later layer's refit corrects its errors), when it is a candidate,
+    holds at most that share of the layers' parameters, and is not named by an include pattern or an override.
+    CREPE full, 64 calibration tones, 4x: the head holds 3.3% of the parameters; factorized, RPA tucker 98.0%
+    and svd 96.75%, dense 99.25% and 98.5% (dense model 100%), the whole model 4.03x -> 3.65x. Low-rank LLM
+    methods (SVD-LLM, ASVD) leave the LM head dense too."""
+    if not layers or not config.head_share:
+        return {}
+    if capture is not None:
+        order = capture.order([name for name, _ in layers])
+        layers = sorted((c for c in layers if c[0] in order), key=lambda c: order.index(c[0])) or layers
+    name, layer = layers[-1]
+    share = count_params(layer) / max(sum(count_params(m) for _, m in layers), 1)
+    if name not in dict(candidates) or share > config.head_share or config.named(name):
+        return {}
+    return {name: (f"the output layer ({share:.1%} of the parameters): no later layer corrects its errors, so it "
+                   f"stays dense while it holds at most {config.head_share:.0%} (--head-share); name it in "
+                   f"--include or a --config override to factorize it")}
+
+
+def _skip_reason(name: str, layer: nn.Module, method: str, config: FactorizeConfig, parent: nn.Module,
+                 held: dict[str, str] | None = None) -> str | None:
     """Why ``layer`` stays dense before anything is computed, or None."""
     if method == "dense":
         return "kept dense by the config"
@@ -180,6 +205,8 @@ def _skip_reason(name: str, layer: nn.Module, method: str, config: FactorizeConf
     if outputs is not None and outputs < config.min_outputs and not config.named(name):
         return (f"only {outputs} outputs (a classifier head?): its rank would be tiny; name it in --include or a "
                 f"--config override, or lower --min-outputs, to factorize it")
+    if held and name in held:
+        return held[name]
     if isinstance(parent, _READS_CHILD_WEIGHTS):
         return f"{type(parent).__name__} reads this layer's weight directly (fast path), so it cannot be replaced"
     if decomposer_for(method, layer) is None:
@@ -188,11 +215,11 @@ def _skip_reason(name: str, layer: nn.Module, method: str, config: FactorizeConf
 
 
 def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: FactorizeConfig, parent: nn.Module,
-                   capture=None, before: dict | None = None) -> LayerRecord:
+                   capture=None, before: dict | None = None, held: dict[str, str] | None = None) -> LayerRecord:
     method, spec = config.for_layer(name)
     params = count_params(layer)
     record = LayerRecord(name, type(layer).__name__, "dense", params_before=params, params_after=params)
-    record.reason = _skip_reason(name, layer, method, config, parent)
+    record.reason = _skip_reason(name, layer, method, config, parent, held)
     if record.reason:
         return record
     start = time.perf_counter()

@@ -33,6 +33,9 @@ class FactorizeConfig:
     rank_multiple: int = 8
     min_params: int = 0  # layers with fewer parameters stay dense (recorded with the reason)
     min_outputs: int = 0  # layers with fewer outputs (a classifier head) stay dense unless an override names them
+    # the output layer (the last candidate in forward order: no later layer corrects its errors) stays dense
+    # when it holds at most this share of the candidates' parameters, unless named (0: factorized like any)
+    head_share: float = 0.0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -59,6 +62,8 @@ class FactorizeConfig:
         if int(self.min_outputs) != self.min_outputs or self.min_outputs < 0:
             raise ConfigError(f"min outputs must be a whole number >= 0, got {self.min_outputs}")
         self.rank_spec()  # validates rank / ratio / energy / multiple
+        if not 0 <= self.head_share <= 1:
+            raise ConfigError(f"head share must be in [0, 1] (a share of the layers' parameters), got {self.head_share}")
         if not 0 <= self.damping:
             raise ConfigError(f"damping must be >= 0 (a fraction of the mean input variance), got {self.damping}")
         if self.max_layer_error is not None and not self.max_layer_error > 0:
@@ -137,7 +142,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     layers = data.pop("layers", {})
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise ConfigError(f"config file {str(path)!r}: 'layers' must map patterns to tables of settings")
-    allowed = _LAYER_KEYS | {"include", "exclude", "min_params", "min_outputs", "damping", "max_layer_error", "data_free"}
+    allowed = _LAYER_KEYS | {"include", "exclude", "min_params", "min_outputs", "head_share", "damping", "max_layer_error",
+                             "data_free"}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"config file {str(path)!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'layers'})}")

@@ -138,20 +138,23 @@ def tucker_ranks(spec: RankSpec, w: torch.Tensor, weight: torch.Tensor | None = 
 
 def _best_split(w: torch.Tensor, proportional: tuple[int, int], params, budget: float, floors: tuple[int, int],
                 multiple: int, notes: list[str]) -> tuple[int, int]:
-    """The ``(R_out, R_in)`` within ``budget`` whose HOSVD error bound on ``w`` (the energy each mode's
-    truncation drops, summed) is least, among ``proportional`` and every ``R_out`` on the rank block with the largest
-    ``R_in`` it leaves room for. Channel counts unlike the layer's kernel of information ask for unlike
-    ranks: CREPE full's conv2 (1024 -> 128, 64 taps) keeps far more with all 128 outputs and 224 inputs
-    than with the proportional 56 and 448."""
-    g, o, i = w.shape[:3]
-    tails = []
-    for mode in (0, 1):
-        energy = _top_vectors(_unfold(w, mode))[0].pow(2).sum(0)  # summed over groups, descending
-        tails.append(torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]))  # tail[r]: dropped at rank r
-    total = float(tails[0][0]) or 1.0
+    """The ``(R_out, R_in)`` within ``budget`` whose truncated HOSVD of ``w`` has the least error, among
+    ``proportional`` and every ``R_out`` on the rank block with the largest ``R_in`` it leaves room for.
+    Channel counts unlike the layer's information ask for unlike ranks: CREPE full's conv2 (1024 -> 128, 64
+    taps) keeps far more with all 128 outputs and 224 inputs than with the proportional 56 and 448.
 
-    def bound(ranks: tuple[int, int]) -> float:
-        return (float(tails[0][ranks[0]]) + float(tails[1][ranks[1]])) / total
+    The error of every split comes from one rotation of ``w`` into both modes' singular bases: the energy
+    kept at ``(a, b)`` is the sum of the rotated core's leading ``a x b`` block. (The sum of the energies each
+    mode drops alone, a bound, favours keeping a mode whole: CREPE tiny's 16 -> 16 convs at 4x got [16, 3]
+    from it, and RPA fell from 96.75% to 89.75% after fine-tuning.)"""
+    g, o, i = w.shape[:3]
+    u_out, u_in = _top_vectors(_unfold(w, 0))[1], _top_vectors(_unfold(w, 1))[1]
+    rotated = torch.einsum("gai...,gib->gab...", torch.einsum("goi...,goa->gai...", w, u_out), u_in)
+    kept = rotated.pow(2).reshape(g, o, i, -1).sum((0, 3)).cumsum(0).cumsum(1)  # kept[a-1, b-1]
+    total = float(kept[-1, -1]) or 1.0
+
+    def error(ranks: tuple[int, int]) -> float:
+        return max(0.0, 1 - float(kept[ranks[0] - 1, ranks[1] - 1]) / total) ** 0.5
 
     best = proportional
     for ro in sorted({*range(multiple, o + 1, multiple), o}):
@@ -162,12 +165,12 @@ def _best_split(w: torch.Tensor, proportional: tuple[int, int], params, budget: 
             if params(ro, r) <= budget:
                 ri = round_down(r, multiple, i)
                 break
-        if ri >= floors[1] and bound((ro, ri)) < bound(best) - 1e-9:  # the first of equal ones: fewer parameters
+        if ri >= floors[1] and error((ro, ri)) < error(best) - 1e-9:  # the first of equal ones: fewer parameters
             best = (ro, ri)
     if best != proportional:
         notes.append(f"ranks [{best[0]}, {best[1]}] instead of the proportional [{proportional[0]}, "
-                     f"{proportional[1]}]: HOSVD error bound {bound(best) ** 0.5:.3g} against "
-                     f"{bound(proportional) ** 0.5:.3g} at the same parameters")
+                     f"{proportional[1]}]: HOSVD error {error(best):.3g} against {error(proportional):.3g} at the "
+                     f"same parameters")
     return best
 
 

@@ -153,6 +153,31 @@ def test_grouped_conv_is_factorized_per_group_and_depthwise_stays_dense():
     assert depthwise.method == "dense" and "depthwise" in depthwise.reason
 
 
+def _net_with_a_small_head() -> nn.Module:
+    # the head (1024 -> 16: 16400 parameters) holds 4.0% of the layers' 406k
+    return nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(128, 64, 3, padding=1), nn.Conv2d(64, 512, 1), nn.AdaptiveAvgPool2d(2), nn.Conv2d(512, 256, 1),
+                         nn.Flatten(), nn.Linear(1024, 16))
+
+
+def test_the_output_layer_stays_dense_while_it_holds_a_small_share_unless_named():
+    model = _net_with_a_small_head()
+    config = FactorizeConfig(method="svd", ratio=4, head_share=0.05)
+    _, report = factorize(model, config)
+    head = report.layers[-1]
+    assert head.name == "9" and head.method == "dense"
+    assert head.reason.startswith("the output layer (") and "--head-share" in head.reason, head.reason
+    assert all(r.method == "svd" for r in report.layers[1:-1])
+    for named in (FactorizeConfig(method="svd", ratio=4, head_share=0.05, include=("*",)),
+                  FactorizeConfig(method="svd", ratio=4, head_share=0.05, overrides=(("9", {"ratio": 2.0}),)),
+                  FactorizeConfig(method="svd", ratio=4, head_share=0.0),
+                  FactorizeConfig(method="svd", ratio=4, head_share=0.01)):  # it holds more than 1%
+        assert factorize(model, named)[1].layers[-1].method == "svd", named
+    # excluding the head does not make the layer before it the output layer
+    _, report = factorize(model, FactorizeConfig(method="svd", ratio=4, head_share=0.05, exclude=("9",)))
+    assert report.layers[-1].name == "7" and report.layers[-1].method == "svd"
+
+
 def test_no_saving_leaves_the_layer_dense_with_the_reason():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 4))
     for method in ("svd", "svd-spatial", "tucker", "cp"):
