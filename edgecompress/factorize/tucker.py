@@ -165,7 +165,7 @@ def _best_split(w: torch.Tensor, proportional: tuple[int, int], params, budget: 
             if params(ro, r) <= budget:
                 ri = round_down(r, multiple, i)
                 break
-        if ri >= floors[1] and error((ro, ri)) < error(best) - 1e-9:  # the first of equal ones: fewer parameters
+        if ri >= floors[1] and error((ro, ri)) < error(best) - 1e-6:  # the first of equal ones: fewer parameters
             best = (ro, ri)
     if best != proportional:
         notes.append(f"ranks [{best[0]}, {best[1]}] instead of the proportional [{proportional[0]}, "
