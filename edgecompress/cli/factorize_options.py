@@ -67,8 +67,8 @@ HEAD_SHARE = 0.05
 
 
 def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params, include, exclude, config_file,
-                          min_outputs=None, head_share=None, data_free=False, damping=None, max_layer_error=None, calib_path=None,
-                          targets=(), methods=None, save_plan=None, max_error=None):
+                          min_outputs=None, head_share=None, data_free=False, damping=None, max_layer_error=None,
+                          calib_path=None, targets=(), methods=None, save_plan=None, max_error=None):
     """A FactorizeConfig from the options, or None when nothing asks for factorization (``calib_path`` is
     only checked for that: the data itself is read by the command; ``save_plan`` only for its folder)."""
     from edgecompress.factorize import FactorizeConfig, read_config_file

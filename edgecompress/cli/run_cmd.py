@@ -85,8 +85,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
 def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
             finetune_epochs, finetune_minutes, distill_loss, bench_runs, profile, min_params, head_share, data_free,
-            keep_faster,
-            targets, no_plan, max_error, max_drop, user_eval):
+            keep_faster, targets, no_plan, max_error, max_drop, user_eval):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
 
     MODEL is a zoo name, path/to/file.py:factory or package.module:factory; default: the bundled
@@ -103,8 +102,8 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else None,
         ratios=ratios, int8=int8, provider=provider, threads=_ints(threads, "--threads"),
         finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, distill_loss=distill_loss,
-        bench_runs=bench_runs, profile=profile, min_params=min_params, head_share=head_share, data_free=data_free, keep_faster=keep_faster, targets=planned, max_drop=max_drop, eval=user_eval,
-        max_error=max_error)
+        bench_runs=bench_runs, profile=profile, min_params=min_params, head_share=head_share, data_free=data_free,
+        keep_faster=keep_faster, targets=planned, max_drop=max_drop, eval=user_eval, max_error=max_error)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=err_console, transient=False) as bars:

@@ -154,7 +154,9 @@ def svd_conv(layer: nn.Module, spec: RankSpec, stats: LayerStats | None = None) 
             reason = skip
     if not sides:
         raise reason
-    errors = [relative_weight_error(w, d.module) for d in sides]
+    from edgecompress.factorize.api import relative_error
+
+    errors = [relative_error(w, d.module.dense_weight().reshape(w.shape)) for d in sides]
     if len(sides) == 2:
         chosen = min((1, 0), key=lambda k: (errors[k], k))  # a tie keeps the output side
         sides[chosen].notes.append(
@@ -205,12 +207,6 @@ def _input_side(layer: nn.Module, geo, w: torch.Tensor, spec: RankSpec, stats: L
     if g > 1:
         notes.append(f"factorized per group ({g} groups)")
     return Decomposition(InputSVDConv("svd", [*explicit_pad(geo), first, second], g), notes)
-
-
-def relative_weight_error(w: torch.Tensor, chain: nn.Module) -> float:
-    """``||W - W'|| / ||W||`` of ``chain`` against the grouped weight ``w``."""
-    approx = chain.dense_weight().detach().double().reshape(w.shape)
-    return float((w - approx).norm() / w.norm().clamp_min(1e-30))
 
 
 def delegate_pointwise(layer: nn.Module, spec: RankSpec, method: str, stats: LayerStats | None = None) -> Decomposition:

@@ -290,3 +290,28 @@ def test_torch_transformer_layers_are_left_dense_with_the_reason():
     assert "MultiheadAttention" in records["self_attn.out_proj"].reason
     assert records["linear1"].method == "dense" and "TransformerEncoderLayer" in records["linear1"].reason
     torch.testing.assert_close(model(x), layer(x))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(128, 16, (9, 1), stride=(2, 1), padding=(4, 0), dilation=(1, 1)),
+                                  nn.Conv1d(96, 8, 7, padding=6, dilation=2),
+                                  nn.Conv2d(64, 8, 3, groups=2, padding=1, padding_mode="reflect")])
+def test_channel_svd_takes_the_input_side_of_a_conv_that_narrows_its_channels(conv):
+    """A conv with few outputs keeps at most O directions on the output side (conv k, then 1x1): at the same
+    parameters the input side (1x1, then conv k) keeps more, and svd takes it, exactly as its chain says."""
+    from edgecompress.factorize.layers import InputSVDConv
+
+    torch.manual_seed(0)
+    result = _decompose("svd", conv, RankSpec(ratio=2))
+    chain = result.module
+    assert isinstance(chain, InputSVDConv) and chain.method == "svd"
+    assert sum(p.numel() for p in chain.parameters()) <= sum(p.numel() for p in conv.parameters()) / 2
+    steps = chain.convs()
+    assert [s.kernel_size for s in steps] == [(1,) * len(conv.kernel_size), conv.kernel_size]
+    assert steps[1].stride == conv.stride and steps[1].dilation == conv.dilation
+    note = next(n for n in result.notes if "side channel SVD" in n)
+    assert note.startswith("input-side") and "against" in note
+    x = torch.randn(2, conv.in_channels, *([24] * len(conv.kernel_size)))
+    with torch.no_grad():
+        exact = conv._conv_forward(x, chain.dense_weight().reshape(conv.weight.shape), conv.bias)
+        torch.testing.assert_close(chain(x), exact, atol=1e-4, rtol=1e-4)
+        assert relative_error(conv(x), chain(x)) < 1
