@@ -13,6 +13,7 @@ mode narrower than ``--rank-multiple`` kept whole when the budget allows);
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import tensorly as tl
@@ -136,6 +137,22 @@ def tucker_ranks(spec: RankSpec, w: torch.Tensor, weight: torch.Tensor | None = 
     return (*split, notes)
 
 
+def _kept_energy(w: torch.Tensor) -> torch.Tensor:
+    """``kept[a-1, b-1]``: the energy the truncated HOSVD of ``w [g, o, i, *k]`` keeps at ranks ``(a, b)``, from
+    one rotation into both modes' singular bases. A plan's ladder of ratios shares it (``SCREENING``)."""
+    memo = SCREENING.get()
+    key = ("hosvd-energy", hashlib.sha1(w.detach().double().numpy().tobytes()).hexdigest()) if memo is not None else None
+    if key is not None and key in memo:
+        return memo[key]
+    g, o, i = w.shape[:3]
+    u_out, u_in = _top_vectors(_unfold(w, 0))[1], _top_vectors(_unfold(w, 1))[1]
+    rotated = torch.einsum("gai...,gib->gab...", torch.einsum("goi...,goa->gai...", w, u_out), u_in)
+    kept = rotated.pow(2).reshape(g, o, i, -1).sum((0, 3)).cumsum(0).cumsum(1)
+    if key is not None:
+        memo[key] = kept
+    return kept
+
+
 def _best_split(w: torch.Tensor, proportional: tuple[int, int], params, budget: float, floors: tuple[int, int],
                 multiple: int, notes: list[str]) -> tuple[int, int]:
     """The ``(R_out, R_in)`` within ``budget`` whose truncated HOSVD of ``w`` has the least error, among
@@ -148,9 +165,7 @@ def _best_split(w: torch.Tensor, proportional: tuple[int, int], params, budget: 
     mode drops alone, a bound, favours keeping a mode whole: CREPE tiny's 16 -> 16 convs at 4x got [16, 3]
     from it, and RPA fell from 96.75% to 89.75% after fine-tuning.)"""
     g, o, i = w.shape[:3]
-    u_out, u_in = _top_vectors(_unfold(w, 0))[1], _top_vectors(_unfold(w, 1))[1]
-    rotated = torch.einsum("gai...,gib->gab...", torch.einsum("goi...,goa->gai...", w, u_out), u_in)
-    kept = rotated.pow(2).reshape(g, o, i, -1).sum((0, 3)).cumsum(0).cumsum(1)  # kept[a-1, b-1]
+    kept = _kept_energy(w)
     total = float(kept[-1, -1]) or 1.0
 
     def error(ranks: tuple[int, int]) -> float:
