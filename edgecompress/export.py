@@ -53,11 +53,12 @@ def export(
     stage: Callable[[str], None] | None = None,
     latency_config=None,
     calib=None,
+    judge=None,
 ) -> dict[str, Any]:
     """Load (if a name), fold BatchNorm, factorize (if a FactorizeConfig is given; fitted to ``calib``, a
     ``capture.CalibrationSet``, when given), keep dense the layers whose chain is not faster on the target
     (if a LatencyConfig is given), export, check parity and write ``out``; return the report dict (also
-    what ``--report`` writes)."""
+    what ``--report`` writes). ``judge`` (``plan.ScoreBound``, the user's metric) bounds a ``--target`` plan."""
     stage = stage or (lambda _: None)
     io.ensure_writable(out)
     if latency_config is not None:
@@ -79,7 +80,7 @@ def export(
 
         stage("factorize" if calib is None else f"factorize, fitted to {calib.fit_count} calibration samples")
         target, frep = factorize(dense, factorize_config, samples[0],
-                                 lambda name, i, n: stage(f"factorizing {name} ({i + 1}/{n})"), calib)
+                                 lambda name, i, n: stage(f"factorizing {name} ({i + 1}/{n})"), calib, judge=judge)
         if calib is not None:
             report["calibration"] = calib.describe()
         if latency_config is not None:

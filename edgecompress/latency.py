@@ -123,7 +123,8 @@ def int8_model(proto, provider: str):
     from edgecompress.quantize import QuantizeConfig, quantize, target_for
 
     target = target_for(provider)
-    config = QuantizeConfig(target=target, random_calib=True, calib_samples=2, eval_samples=1, compare_balance=False)
+    config = QuantizeConfig(target=target, random_calib=True, calib_samples=2, eval_samples=1, compare_balance=False,
+                            check_speed=False)
     with tempfile.TemporaryDirectory(prefix="edgecompress-latency-") as tmp:
         out = Path(tmp) / "int8.onnx"
         quantize(proto, out, config)

@@ -249,9 +249,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
     _note_calibration(report, calib, config)
     dense_params = exporters.param_count(proto)
     jobs = config.jobs()
-    if config.eval and any(targets for *_, targets in jobs):
-        report.notes.append(f"the planned variants are not checked with {config.eval} (--eval) while planning: that "
-                            "needs a PyTorch model; they are scored with it like every variant")
+    judge = _plan_judge(config) if config.eval and any(targets for *_, targets in jobs) else None
     progress.start("factorize", len(jobs) + 1)
     progress.advance("factorize", "dense")
     report.variants.append(_write_variant(Variant(name="dense", method="dense", params=dense_params, compression=1.0),
@@ -268,7 +266,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
         try:
             new, frep = factorize_onnx(proto, _fconfig(config, method, ratio, targets), calib=calib,
                                        latency_config=config.latency_config() if config.keep_faster else None,
-                                       input_shapes=input_shape)
+                                       input_shapes=input_shape, judge=judge if targets else None)
             new, _ = exporters.simplify(new)
             exporters.check_model(new)
         except Exception as exc:  # one variant's failure must not stop the others
@@ -365,7 +363,7 @@ def _build(dense: nn.Module, loaded: LoadedModel, config: RunConfig, samples, re
     report.variants.append(Variant(name="dense", method="dense", params=dense_params, macs=dense_macs, compression=1.0))
     modules = {"dense": dense}
     jobs = config.jobs()
-    judge = _plan_judge(config, loaded, dense) if config.eval and any(targets for *_, targets in jobs) else None
+    judge = _plan_judge(config) if config.eval and any(targets for *_, targets in jobs) else None
     progress.start("factorize", len(jobs))
     for name, method, ratio, targets in jobs:
         variant = Variant(name=name, method=method, ratio=ratio)
@@ -441,13 +439,12 @@ def _finetune(modules: dict[str, nn.Module], dense: nn.Module, data: RunData | N
         variant.seconds["finetune"] = history["seconds"]
 
 
-def _plan_judge(config: RunConfig, loaded: LoadedModel, dense: nn.Module):
+def _plan_judge(config: RunConfig):
     """With ``--eval``: the user's metric bounds each planned variant, at the dense model's score less
     ``--max-drop`` (in the metric's units), measured on the whole model (``plan.ScoreBound``)."""
     from edgecompress.plan import ScoreBound
 
-    score = _user_scorer(config, loaded)
-    return ScoreBound(score, score(dense) - config.max_drop, f"{config.eval.rpartition(':')[2]} (--eval)")
+    return ScoreBound(load_eval(config.eval), config.max_drop, f"{config.eval.rpartition(':')[2]} (--eval)")
 
 
 def _user_scorer(config: RunConfig, loaded: LoadedModel):

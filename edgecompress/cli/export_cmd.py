@@ -17,6 +17,7 @@ from edgecompress.cli._options import (
 from edgecompress.cli.factorize_options import (
     factorize_config_from,
     factorize_options,
+    judge_from,
     latency_config_from,
     latency_options,
     timed,
@@ -52,6 +53,7 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     model = model or DEFAULT_MODEL
     config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, tolerance=tolerance)
     fconfig = factorize_config_from(**fopts)
+    judge = judge_from(fopts["user_eval"], fopts["max_drop"])
     lconfig = latency_config_from(keep_faster, min_speedup, precision, provider, threads, fconfig)
     fconfig = timed(fconfig, precision, provider, threads)
     if report_path:
@@ -64,14 +66,14 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     with err_console.status("loading") as status:
         if model.endswith(".onnx"):
             report = _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status,
-                                       fopts["calib_path"])
+                                       fopts["calib_path"], judge)
         else:
             from edgecompress.loading import load_model
 
             loaded = load_model(model, weights, input_shape, input_dtype)
             calib = torch_calibration_from(loaded, fopts["calib_path"], fconfig)
             report = export(loaded, out, config, fconfig, stage=lambda s: status.update(s), latency_config=lconfig,
-                            calib=calib)
+                            calib=calib, judge=judge)
     if fopts["save_plan"]:
         io.write_json(fopts["save_plan"], report["plan_config"])
     if report.get("plan", {}).get("note"):
@@ -81,14 +83,14 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
     _print_summary(report)
 
 
-def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status, calib_path) -> dict:
+def _export_onnx_file(model, out, config, fconfig, lconfig, weights, input_shape, status, calib_path, judge) -> dict:
     from edgecompress.graph import export_factorized_onnx
 
     unsupported = [flag for flag, given in (("--weights", weights), ("--dynamic-batch", config.dynamic_batch)) if given]
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)} cannot be used with an ONNX file as MODEL")
     return export_factorized_onnx(model, out, fconfig, config, stage=lambda s: status.update(s), latency_config=lconfig,
-                                  calib_path=calib_path, input_shapes=input_shape)
+                                  calib_path=calib_path, input_shapes=input_shape, judge=judge)
 
 
 def _print_summary(report: dict) -> None:

@@ -50,6 +50,12 @@ def factorize_options(func):
                   help="With --target and --calib: a bound on the whole model's output error on the held-out "
                        "samples (relative, e.g. 0.1); the plan steps layers back towards dense until it holds, "
                        "and says so when the target is then missed.")
+    @click.option("--eval", "user_eval", metavar="FILE.py:FUNCTION", default=None,
+                  help="With --target: your task metric, a function taking an ONNX file's path and returning a "
+                       "score (higher is better). The planned model is scored with it and stepped back towards "
+                       "dense until it scores within --max-drop of the dense model.")
+    @click.option("--max-drop", type=float, default=None, metavar="D",
+                  help="With --eval: the score the plan may lose against dense, in the metric's units (default 0.01).")
     @click.option("--save-plan", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
                   help="With --target: write the plan as a --config file; `export --config FILE` reproduces it.")
     @functools.wraps(func)
@@ -68,7 +74,8 @@ HEAD_SHARE = 0.05
 
 def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params, include, exclude, config_file,
                           min_outputs=None, head_share=None, data_free=False, damping=None, max_layer_error=None,
-                          calib_path=None, targets=(), methods=None, save_plan=None, max_error=None):
+                          calib_path=None, targets=(), methods=None, save_plan=None, max_error=None, user_eval=None,
+                          max_drop=None):
     """A FactorizeConfig from the options, or None when nothing asks for factorization (``calib_path`` is
     only checked for that: the data itself is read by the command; ``save_plan`` only for its folder)."""
     from edgecompress.factorize import FactorizeConfig, read_config_file
@@ -78,6 +85,11 @@ def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params
         raise ConfigError("--save-plan writes the plan that --target makes: add --target KIND=VALUE")
     if max_error is not None and not targets:
         raise ConfigError("--max-error bounds the error of a --target plan: add --target KIND=VALUE")
+    if (user_eval is not None or max_drop is not None) and not targets:
+        raise ConfigError(f"{'--eval' if user_eval is not None else '--max-drop'} bounds a --target plan with your "
+                          "metric: add --target KIND=VALUE")
+    if max_drop is not None and user_eval is None:
+        raise ConfigError("--max-drop is the drop of your metric a plan may take: add --eval FILE.py:FUNCTION")
     if methods is not None and not targets:
         raise ConfigError("--methods lists the methods a --target plan may use: add --target KIND=VALUE (or use --method)")
     if targets:
@@ -119,6 +131,23 @@ def factorize_config_from(method, rank, ratio, energy, rank_multiple, min_params
     if exclude:
         fields["exclude"] = tuple(exclude)
     return FactorizeConfig(**fields)
+
+
+MAX_DROP = 0.01  # the score a plan checked with --eval may lose, as run's --max-drop
+
+
+def judge_from(user_eval, max_drop):
+    """The user's metric as a bound on a plan (``plan.ScoreBound``), or None without --eval; the file is
+    loaded now, so that a wrong path or name fails before any work."""
+    if user_eval is None:
+        return None
+    from edgecompress.plan import ScoreBound
+    from edgecompress.user_eval import load_eval
+
+    if max_drop is not None and not max_drop >= 0:
+        raise ConfigError(f"--max-drop must be >= 0 (in the metric's units), got {max_drop}")
+    metric = load_eval(user_eval)
+    return ScoreBound(metric, MAX_DROP if max_drop is None else max_drop, f"{metric.name} (--eval)")
 
 
 def latency_options(func):

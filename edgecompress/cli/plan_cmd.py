@@ -11,6 +11,7 @@ from edgecompress.cli._options import console, err_console, fmt_int, model_optio
 from edgecompress.cli.factorize_options import (
     factorize_config_from,
     factorize_options,
+    judge_from,
     latency_config_from,
     latency_options,
     timed,
@@ -44,6 +45,7 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
     config = factorize_config_from(**fopts)
     if config is None:
         raise ConfigError("plan needs --method (svd, svd-spatial, tucker, cp, tt, ...) or --target KIND=VALUE")
+    judge = judge_from(fopts["user_eval"], fopts["max_drop"])
     latency = latency_config_from(keep_faster, min_speedup, precision, provider, threads, config)
     config = timed(config, precision, provider, threads)
     if latency is not None:
@@ -58,14 +60,14 @@ def command(model, weights, input_shape, input_dtype, as_json, sequential, keep_
             if weights:
                 raise ConfigError("--weights cannot be used with an ONNX file as MODEL")
             _, report = factorize_onnx(load_onnx(model), config, latency_config=latency, calib_path=fopts["calib_path"],
-                                       sequential=sequential, input_shapes=input_shape)
+                                       sequential=sequential, input_shapes=input_shape, judge=judge)
         else:
             from edgecompress.loading import load_model
 
             loaded = load_model(model, weights, input_shape, input_dtype)
             calib = torch_calibration_from(loaded, fopts["calib_path"], config)
             report = plan(loaded, config, progress=lambda name, i, n: status.update(f"factorizing {name} ({i + 1}/{n})"),
-                          latency_config=latency, calib=calib, sequential=sequential)
+                          latency_config=latency, calib=calib, sequential=sequential, judge=judge)
     if fopts["save_plan"]:
         from edgecompress.io import write_json
 

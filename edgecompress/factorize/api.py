@@ -21,6 +21,7 @@ from edgecompress.factorize.base import FactorizedLayer, LayerRecord, SkipLayer
 from edgecompress.factorize.config import FactorizeConfig
 from edgecompress.factorize.reconstruct import (
     can_refit,
+    held_error,
     output_errors,
     refine_,
     refit_last_,
@@ -85,7 +86,7 @@ def factorize(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.
 @torch.no_grad()
 def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch.Tensor] | None = None,
                progress: Progress | None = None, calib=None, capture=None, sequential: bool = True,
-               judge=None) -> FactorizeReport:
+               judge=None, whole=None) -> FactorizeReport:
     """Factorize ``model`` in place and return the per-layer report.
 
     With calibration data (``calib``, or a ready ``capture`` of layer inputs: ONNX input brings its own)
@@ -94,7 +95,9 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     (``reconstruct``), and its output error measured on held-out samples. ``config.data_free`` keeps the
     weight-only factors and only measures them. ``sequential=False`` fits every layer on the dense model's
     inputs instead (one calibration pass for all layers: what ``plan`` does by default, for speed). ``judge``
-    (``plan.ScoreBound``, the user's metric) bounds a ``config.targets`` plan, checked on the whole model."""
+    (``plan.ScoreBound``, the user's metric) bounds a ``config.targets`` plan, checked on the whole model:
+    ``whole`` (``plan.WholeModel``), which is also what a latency target is timed on; a PyTorch model with
+    ``inputs`` makes its own."""
     start = time.perf_counter()
     model.eval()
     macs_before = count_macs(model, inputs)[1] if inputs is not None else {}
@@ -114,7 +117,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     plan, before = None, {}  # before: each refitted layer's chain state before its refit
     held = _output_layer(layers, candidates, config, capture)
     if config.targets:
-        config, plan = _plan(model, config, candidates, capture, inputs, progress, judge, held)
+        config, plan = _plan(model, config, candidates, capture, inputs, progress, judge, held, whole)
     for index, (name, layer) in enumerate(candidates):
         if progress:
             progress(name, index, len(candidates))
@@ -140,10 +143,14 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     return FactorizeReport(config, records, time.perf_counter() - start, calibration, plan)
 
 
-def _plan(model, config, candidates, capture, inputs, progress, judge=None, held=None):
+def _plan(model, config, candidates, capture, inputs, progress, judge=None, held=None, whole=None):
     """``config`` with each layer's method and ratio chosen for its targets (``edgecompress.plan``): layers
     the plan cannot use stay dense, layers with a size or output floor keep their reason."""
     from edgecompress.plan import allocate
+    from edgecompress.plan.whole import torch_whole
+
+    if whole is None and inputs is not None and (judge is not None or "latency" in dict(config.targets)):
+        whole = torch_whole(model, list(inputs))
 
     def skip(name, layer, methods):
         if config.for_layer(name)[0] == "dense":
@@ -152,7 +159,8 @@ def _plan(model, config, candidates, capture, inputs, progress, judge=None, held
                    for m in methods if m != "dense")
 
     planned, plan = allocate(model, config, candidates, capture, inputs, skip,
-                             (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None, judge)
+                             (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None, judge,
+                             whole)
     listed = set(plan["layers"])
     unused = tuple((name, {"method": "dense"}) for name, layer in candidates
                    if name not in listed and not skip(name, layer, plan["methods"]))
@@ -244,6 +252,8 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
         if saved is not None and before is not None:
             before[name] = saved
         record.output_error, record.output_error_in_model = (round(e, 6) for e in output_errors(result.module, layer, inputs))
+        if inputs.downstream:
+            record.output_error_after_relu = round(held_error(result.module, layer, inputs, inputs.downstream.rectifier), 6)
         if config.max_layer_error is not None and record.output_error > config.max_layer_error:
             record.reason = (f"output error {record.output_error:.3g} on held-out data is above --max-layer-error "
                              f"{config.max_layer_error:g}")

@@ -18,12 +18,14 @@ from edgecompress.loading import LoadedModel, load_model, sample_inputs
 
 def plan(model: str | LoadedModel, config: FactorizeConfig, weights: str | Path | None = None,
          input_shape: str | tuple[int, ...] | None = None, input_dtype: str | None = None,
-         progress: Progress | None = None, latency_config=None, calib=None, sequential: bool = False) -> FactorizeReport:
+         progress: Progress | None = None, latency_config=None, calib=None, sequential: bool = False,
+         judge=None) -> FactorizeReport:
     """The per-layer report of factorizing ``model`` (a name is loaded; a LoadedModel is left as it was).
     With a ``LatencyConfig`` each chain is also timed against its dense layer and kept only if faster.
     ``calib`` (a ``capture.CalibrationSet``) fits the factors to data: each layer on the dense model's
     inputs (one calibration pass), or, ``sequential``, in the compressed model layer by layer as ``export``
-    does (one partial forward per layer: slower, and what export will give)."""
+    does (one partial forward per layer: slower, and what export will give). ``judge`` (``plan.ScoreBound``, the
+    user's metric) bounds a ``config.targets`` plan."""
     if latency_config is not None:
         from edgecompress.runtime import resolve_provider
 
@@ -36,7 +38,7 @@ def plan(model: str | LoadedModel, config: FactorizeConfig, weights: str | Path 
     exporters.fold_batchnorm_(module)  # as export does, so the ranks and errors are the exported ones
     inputs = sample_inputs(module, model.input_spec)
     dense = copy.deepcopy(module) if latency_config is not None else None
-    report = factorize_(module, config, inputs, progress, calib, sequential=sequential)
+    report = factorize_(module, config, inputs, progress, calib, sequential=sequential, judge=judge)
     if latency_config is not None:
         from edgecompress.latency import keep_faster_
 

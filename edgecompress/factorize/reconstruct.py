@@ -312,7 +312,7 @@ def rectified(rectifier, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.clamp_min(0)
 
 
-def _held_error(chain: nn.Module, layer: nn.Module, inputs: LayerInputs, rectifier) -> float:
+def held_error(chain: nn.Module, layer: nn.Module, inputs: LayerInputs, rectifier) -> float:
     """In-model held-out error of ``chain``, after the rectifier when there is one."""
     if rectifier is None:
         return output_errors(chain, layer, inputs)[1]
@@ -337,7 +337,7 @@ def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps
     currents, targets = _within_budget(inputs.current, targets)
     currents, targets, steps = _within_compute(chain, currents, targets, steps)
     targets = [rectified(rectifier, layer, t) for t in targets]
-    before = _held_error(chain, layer, inputs, rectifier)
+    before = held_error(chain, layer, inputs, rectifier)
     trial = copy.deepcopy(chain).train()
     params = [p for p in trial.parameters()]
     for p in params:
@@ -356,7 +356,7 @@ def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps
     for p in params:
         p.requires_grad_(False)
     trial.eval()
-    if _held_error(trial, layer, inputs, rectifier) < before:
+    if held_error(trial, layer, inputs, rectifier) < before:
         chain.load_state_dict(trial.state_dict())
         return True
     return False

@@ -82,13 +82,15 @@ def prepare(model: onnx.ModelProto, input_shapes: str | dict | None = None, cali
 
 def factorize_onnx(model: onnx.ModelProto | Prepared, config: FactorizeConfig, opset: int | None = None,
                    latency_config=None, calib=None, calib_path: str | Path | None = None,
-                   sequential: bool = True, input_shapes: str | dict | None = None) -> tuple[onnx.ModelProto, FactorizeReport]:
+                   sequential: bool = True, input_shapes: str | dict | None = None,
+                   judge=None) -> tuple[onnx.ModelProto, FactorizeReport]:
     """A copy of ``model`` with its Conv/Gemm/MatMul/Gather weight nodes factorized, and the per-layer report.
     With calibration data (``calib``, a ``capture.CalibrationSet``, or ``calib_path``) each layer is fitted to
     its inputs, captured with onnxruntime (``capture.OnnxCapture``), as for a PyTorch model.
     With a ``LatencyConfig``, chains that do not run faster than their node go back to the node
-    (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so).
-    The report's ``graph`` says how the file was read."""
+    (``edgecompress.latency``; both files are profiled on the provider, as int8 if it says so). A plan's
+    latency target and ``judge`` (the user's metric, ``--eval``) are measured on the file with the chains
+    spliced in. The report's ``graph`` says how the file was read."""
     if calib is None and calib_path is not None:
         from edgecompress.capture.samples import onnx_calibration
 
@@ -107,12 +109,21 @@ def factorize_onnx(model: onnx.ModelProto | Prepared, config: FactorizeConfig, o
     base = prepared.fixed if used - set(SHAPE_FREE) else prepared.model
     opset = opset or opset_of(base)
     root, sites, unread = read_layers(base)
-    capture = _capture(base, sites, calib, prepared.shapes, opset, sequential) if calib is not None else None
+
+    def put(proto: onnx.ModelProto, name: str, chain: nn.Module) -> None:  # the layer's chain spliced into proto
+        splice(proto, sites[name], name, chain, known_shape(prepared.shapes, sites[name]), opset)
+
+    capture = _capture(base, sites, calib, put, sequential) if calib is not None else None
+    whole = None
+    if judge is not None or "latency" in dict(config.targets):
+        from edgecompress.plan.whole import onnx_whole
+
+        whole = onnx_whole(base, put, calibration.random_samples(prepared.fixed, 1, 0)[0])
     root.file_params = exporters.param_count(base)  # a plan's whole-model parameter count
     root.layer_input_shapes = {name: known_shape(prepared.shapes, site) for name, site in sites.items()
                                if site.input in prepared.shapes}  # a plan's MACs without data
     macs = {name: _macs(root.get_submodule(name), site, prepared.shapes) for name, site in sites.items()}
-    report = factorize_(root, config, capture=capture)
+    report = factorize_(root, config, capture=capture, judge=judge, whole=whole)
     _count_macs(report, root, sites, prepared.shapes, macs)
     new = build(base, root, sites, report, prepared.shapes, opset)
     if latency_config is not None and report.factorized:
@@ -144,15 +155,15 @@ def _count_macs(report: FactorizeReport, root: nn.Module, sites: dict[str, Site]
                                  if record.method != "dense" else before[record.name])
 
 
-def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, shapes: dict, opset: int, sequential: bool):
-    """An ``OnnxCapture`` of ``model``'s weight layers whose ``replace`` splices a layer's chain in."""
+def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, put: Callable, sequential: bool):
+    """An ``OnnxCapture`` of ``model``'s weight layers whose ``replace`` splices a layer's chain in (``put``)."""
     from edgecompress.capture import OnnxCapture
     from edgecompress.capture.downstream import onnx_downstream
 
     def with_chain(proto: onnx.ModelProto, name: str, chain: nn.Module) -> onnx.ModelProto:
         new = onnx.ModelProto()
         new.CopyFrom(proto)
-        splice(new, sites[name], name, chain, known_shape(shapes, sites[name]), opset)
+        put(new, name, chain)
         return new
 
     return OnnxCapture(model, {name: site.input for name, site in sites.items()}, calib, with_chain, sequential,
@@ -172,7 +183,8 @@ def _layers_ms(model: onnx.ModelProto, config, prepared: Prepared) -> dict[str, 
 def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeConfig | None,
                            export_config: ExportConfig = ExportConfig(),
                            stage: Callable[[str], None] | None = None, latency_config=None,
-                           calib_path: str | Path | None = None, input_shapes: str | dict | None = None) -> dict[str, Any]:
+                           calib_path: str | Path | None = None, input_shapes: str | dict | None = None,
+                           judge=None) -> dict[str, Any]:
     """``edgecompress export model.onnx [--method ...]``: read the file (``prepare``), factorize it (fitted to
     the samples at ``calib_path`` when given; with ``config`` None, a clean round trip), simplify, check,
     measure the output error against the original (on held-out calibration samples, else random inputs) and
@@ -193,7 +205,7 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
         proto, written = normalize(prepared.model)
     else:
         stage("factorize" if latency_config is None else f"factorize, then time each layer on {latency_config.provider}")
-        proto, report = factorize_onnx(prepared, config, latency_config=latency_config, calib=calib)
+        proto, report = factorize_onnx(prepared, config, latency_config=latency_config, calib=calib, judge=judge)
     simplified = False
     if export_config.simplify:
         stage("simplify")

@@ -28,6 +28,7 @@ from edgecompress.factorize.base import SCREENING, SkipLayer
 from edgecompress.factorize.ranks import RankSpec
 from edgecompress.factorize.registry import decomposer_for
 from edgecompress.plan.targets import describe
+from edgecompress.plan.whole import WholeModel
 from edgecompress.stats import count_macs, count_params
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,12 @@ def _glob_escape(name: str) -> str:
 
 def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capture=None,
              inputs: list[torch.Tensor] | None = None, skip: Callable | None = None,
-             progress: Callable | None = None, judge: ScoreBound | None = None) -> tuple[object, dict]:
+             progress: Callable | None = None, judge: ScoreBound | None = None,
+             whole: WholeModel | None = None) -> tuple[object, dict]:
     """Plan ``layers`` (forward order) of ``model`` for ``config.targets``: the config with one override per
-    layer (its chosen method and ratio, or dense) and the plan as a dict for the report. With ``judge`` (the
-    user's metric, ``run --eval``) the choice is also stepped back until the whole model scores at its floor."""
+    layer (its chosen method and ratio, or dense) and the plan as a dict for the report. ``whole`` (the model
+    as an ONNX graph with chains in place) is what a latency target is measured on and ``judge`` (the user's
+    metric, ``--eval``) scores: the choice is stepped back until the whole model scores within its drop."""
     start = time.perf_counter()
     methods = tuple(config.methods) or DEFAULT_METHODS
     samples = _samples(model, layers, capture, inputs)
@@ -181,22 +184,18 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         raise ConfigError(f"a {' and '.join(k for k in kinds if k != 'params')} target needs the layers' input "
                           "shapes: give --calib data or --input-shape")
     timing = _timing(config) if "latency" in kinds else None
-    if judge is not None and inputs is None:
-        raise ConfigError("a plan is checked with your metric (--eval) on a PyTorch model only")
+    if (timing is not None or judge is not None) and whole is None:
+        raise ConfigError("a latency target or --eval is measured on the whole model: it needs the model's input "
+                          "shapes (give --calib data or --input-shape)")
     if config.max_error is not None and capture is None:
         raise ConfigError("--max-error is measured on held-out calibration samples: give --calib data")
-    if timing is not None and inputs is None:
-        raise ConfigError("a latency target is measured on the whole model: it needs a PyTorch model for now "
-                          "(for an ONNX file, plan for macs=... and add --keep-faster)")
     # an ONNX file's stand-in module holds only the weight layers: its whole-file count is put on it
     totals = {"params": getattr(model, "file_params", None) or count_params(model),
               "macs": sum(_macs(layer, samples.get(name)) or 0 for name, layer in layers)}
     if inputs is not None:  # a PyTorch model: every op's MACs, not only those of the candidate layers
         totals["macs"] = count_macs(model, inputs)[0] // max(1, len(inputs[0]))
     if timing is not None:
-        from edgecompress.plan.timing import time_models
-
-        totals["latency"] = time_models([model], inputs, timing)[0]
+        totals["latency"] = whole.latency([{}], timing)[0]
     curves, fixed = {}, dict(totals)
     for index, (name, layer) in enumerate(layers):
         if progress:
@@ -220,8 +219,8 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
                for kind in kinds}
     checks = []
     if timing is not None:
-        at, chosen, met, reached["latency"], checks = _check_latency(model, config, layers, curves, budgets, at,
-                                                                     inputs, timing)
+        at, chosen, met, reached["latency"], checks = _check_latency(config, layers, curves, budgets, at, whole,
+                                                                     timing)
     error_checks, score_checks = [], []
 
     def reach_again(before):  # after a step back: the costs summed again, the speedup measured again
@@ -229,7 +228,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
             if kind != "latency":
                 reached[kind] = round(totals[kind] / max(1e-9, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
             elif at != before:
-                dense_ms, planned_ms = _time_choice(model, config, dict(layers), curves, at, inputs, timing)
+                dense_ms, planned_ms = _time_choice(config, dict(layers), curves, at, whole, timing)
                 reached["latency"] = round(dense_ms / planned_ms, 4)
         return all(reached[kind] >= value * (1 - 1e-6) for kind, value in config.targets)
 
@@ -239,7 +238,8 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         met = reach_again(before) and bounded
     if judge is not None:
         before = dict(at)
-        at, chosen, scored, score_checks = _bound_score(model, layers, curves, at, judge)
+        judge = dataclasses.replace(judge, floor=whole.score({}, judge.score) - judge.max_drop)
+        at, chosen, scored, score_checks = _bound_score(config, dict(layers), curves, at, whole, judge)
         met = reach_again(before) and scored and (not error_checks or error_checks[-1]["error"] <= config.max_error)
     overrides = tuple((_glob_escape(name), {"method": "dense"} if c.method == "dense" else
                        {"method": c.method, "ratio": c.ratio}) for name, c in chosen.items())
@@ -286,23 +286,24 @@ CHECKS = 4  # end-to-end latency measurements, each rescaling the budget by the 
 CLOSE = 1.08  # a measured speedup this close above the target is taken as it is
 
 
-def _time_choice(model, config, layer_of, curves, at, inputs, timing) -> tuple[float, float]:
-    """(dense ms, planned ms): the whole model and the model with the choice ``at`` in place, interleaved."""
-    import copy
-
-    from edgecompress.plan.timing import time_models
-
-    trial = copy.deepcopy(model)
+def _chains(config, layer_of, curves, at) -> dict[str, nn.Module]:
+    """The chosen candidates' chains (kept from screening, else decomposed again from the weights)."""
+    chains = {}
     for name, k in at.items():
         c = curves[name][k]
         if c.method != "dense":
             spec = RankSpec(ratio=c.ratio, multiple=config.rank_multiple)
-            trial.set_submodule(name, decomposer_for(c.method, layer_of[name])(layer_of[name], spec).module)
-    dense_ms, trial_ms = time_models([model, trial], inputs, timing)
+            chains[name] = c.chain or decomposer_for(c.method, layer_of[name])(layer_of[name], spec).module
+    return chains
+
+
+def _time_choice(config, layer_of, curves, at, whole, timing) -> tuple[float, float]:
+    """(dense ms, planned ms): the whole model and the model with the choice ``at`` in place, interleaved."""
+    dense_ms, trial_ms = whole.latency([{}, _chains(config, layer_of, curves, at)], timing)
     return dense_ms, trial_ms
 
 
-def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
+def _check_latency(config, layers, curves, budgets, at, whole, timing):
     """Measure the planned model against dense (whole models, interleaved) and rescale the latency budget by
     the miss, up or down, choosing again, until the speedup lands within ``CLOSE`` above the target. Layer
     times measured alone do not add up to the model's (overheads, caches, layout changes between layers,
@@ -312,7 +313,7 @@ def _check_latency(model, config, layers, curves, budgets, at, inputs, timing):
     layer_of = dict(layers)
     checks, tried = [], []
     for _ in range(CHECKS):
-        dense_ms, trial_ms = _time_choice(model, config, layer_of, curves, at, inputs, timing)
+        dense_ms, trial_ms = _time_choice(config, layer_of, curves, at, whole, timing)
         speedup = dense_ms / trial_ms
         damage = sum(curves[n][k].damage for n, k in at.items())
         checks.append({"dense_ms": round(dense_ms, 4), "planned_ms": round(trial_ms, 4), "speedup": round(speedup, 4),
@@ -334,12 +335,14 @@ ERROR_CHECKS = 12  # whole-model measurements of --max-error (or --eval), one st
 
 @dataclasses.dataclass(frozen=True)
 class ScoreBound:
-    """The user's task metric as a bound on the plan (``run --eval``): ``score(model)`` (higher is better) must
-    stay at or above ``floor``; ``name`` says whose metric it is."""
+    """The user's task metric as a bound on the plan (``--eval``): ``score(onnx_path)`` (higher is better) of
+    the planned model must stay at or above the dense model's less ``max_drop`` (``floor``, set by
+    ``allocate``); ``name`` says whose metric it is."""
 
-    score: Callable[[nn.Module], float]
-    floor: float
+    score: Callable[[str], float]
+    max_drop: float
     name: str = "score"
+    floor: float | None = None
 
 
 def _step_back(curves, at, measure, holds, record):
@@ -391,16 +394,11 @@ def _bound_error(model, layers, curves, at, capture, bound):
     return at, {n: curves[n][k] for n, k in at.items()}, checks[-1]["error"] <= bound, checks
 
 
-def _bound_score(model, layers, curves, at, judge: ScoreBound):
+def _bound_score(config, layer_of, curves, at, whole, judge: ScoreBound):
     """The user's metric on the whole model with the chosen candidates in place (the plan's screening factors,
     as ``--max-error`` measures them); step back towards dense while it is below ``judge.floor``."""
     def measure(at):
-        def score(chains):
-            for name, chain in chains.items():
-                model.set_submodule(name, chain)
-            return judge.score(model)
-
-        return _in_place(model, layers, curves, at, score)
+        return whole.score(_chains(config, layer_of, curves, at), judge.score)
 
     at, checks = _step_back(curves, at, measure, lambda v: v >= judge.floor, lambda v: {"score": round(v, 6)})
     return at, {n: curves[n][k] for n, k in at.items()}, checks[-1]["score"] >= judge.floor, checks

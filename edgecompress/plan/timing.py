@@ -6,7 +6,8 @@ quantizes it as ``quantize`` would when the precision is int8, and times all of 
 the graph's structure (ops, attributes and weight shapes, not values), the input shape, the provider, threads,
 precision and the onnxruntime version: a later plan of the same shapes times nothing again.
 
-``time_models`` times whole models the same way, for the dense model's figure and the end-to-end check.
+Whole models are timed the same way (``interleaved_ms``, by ``plan.whole``), for the dense model's figure and
+the end-to-end check.
 """
 
 from __future__ import annotations
@@ -63,13 +64,17 @@ def _key(proto: onnx.ModelProto, shape: tuple[int, ...], config) -> str:
     return f"{config.provider}/{config.threads}/{config.precision}/{version}/{shape}/{digest.hexdigest()}"
 
 
-def _onnx(module: nn.Module, samples: list[torch.Tensor], config) -> onnx.ModelProto:
-    proto, _ = exporters.simplify(exporters.export_onnx(module.eval(), samples))
+def for_precision(proto: onnx.ModelProto, config) -> onnx.ModelProto:
+    """``proto`` as it will run: quantized as ``quantize`` would when ``config.precision`` is int8."""
     if config.precision == "int8":
         from edgecompress.latency import int8_model
 
-        proto = int8_model(proto, config.provider)
+        return int8_model(proto, config.provider)
     return proto
+
+
+def _onnx(module: nn.Module, samples: list[torch.Tensor], config) -> onnx.ModelProto:
+    return for_precision(exporters.simplify(exporters.export_onnx(module.eval(), samples))[0], config)
 
 
 def interleaved_ms(protos: list[onnx.ModelProto], feeds: list[dict[str, np.ndarray]], provider: str,
@@ -98,11 +103,3 @@ def time_layers(modules: list[nn.Module], sample: torch.Tensor, config) -> list[
             cache[keys[k]] = ms
         _save_cache(cache)
     return [cache[key] for key in keys]
-
-
-def time_models(modules: list[nn.Module], inputs: list[torch.Tensor], config) -> list[float]:
-    """Milliseconds of whole models at batch 1, interleaved (not cached: weights change the graph)."""
-    sample = [x[:1] for x in inputs]
-    protos = [_onnx(m, sample, config) for m in modules]
-    feeds = [{i.name: x.numpy() for i, x in zip(p.graph.input, sample)} for p in protos]
-    return interleaved_ms(protos, feeds, config.provider, config.threads)

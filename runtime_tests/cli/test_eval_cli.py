@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import numpy as np
 import pytest
 
 from edgecompress.errors import ConfigError
@@ -116,3 +117,37 @@ def test_a_planned_variant_is_stepped_back_until_the_users_metric_holds(cli, tmp
     params = [c["params"] for c in plan["eval"]["checks"]]
     assert params == sorted(params) and params[0] < params[-1]  # each step gives parameters back
     assert not plan["met"] and "accuracy (--eval)" in plan["note"] and "params 12x" in plan["note"]
+
+
+@pytest.mark.parametrize("onnx_input", [False, True], ids=["pytorch", "onnx"])
+def test_plan_and_export_step_a_plan_back_by_the_users_metric_for_either_input(cli, tmp_path, metric, onnx_input):
+    """--eval on export and plan, for a PyTorch model and for an ONNX file: the same checks, each on the whole
+    model with the chosen chains in place (exported, or spliced into the file), until it scores at dense."""
+    from edgecompress.models import digits
+
+    dense, calib = tmp_path / "digits.onnx", tmp_path / "calib.npz"
+    assert cli("export", "digits_cnn", "-o", dense).exit_code == 0
+    np.savez(calib, images=digits.load_digits("train")[0][:73].numpy())
+    model = dense if onnx_input else "digits_cnn"
+    out, report = tmp_path / "planned.onnx", tmp_path / "r.json"
+    bound = ("--target", "params=12x", "--eval", f"{metric}:accuracy", "--max-drop", "0", "--calib", calib)
+    result = cli("export", model, *bound, "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(report.read_text())["plan"]
+    scores = [c["score"] for c in plan["eval"]["checks"]]
+    assert plan["eval"]["floor"] == pytest.approx(load_eval(f"{metric}:accuracy")(dense), abs=1e-6)
+    assert len(scores) >= 2 and scores[0] < plan["eval"]["floor"] <= scores[-1] and not plan["met"]
+    shown = cli("plan", model, *bound, "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["plan"]["eval"]["checks"] == plan["eval"]["checks"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "svd", "--eval", "m.py:f"], "--eval bounds a --target plan"),
+    (["--target", "params=2x", "--max-drop", "0.1"], "--max-drop is the drop of your metric"),
+])
+def test_eval_without_a_plan_is_one_line(cli, tmp_path, args, message):
+    out = tmp_path / "x.onnx"
+    result = cli("export", "digits_cnn", "-o", out, *args)
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
