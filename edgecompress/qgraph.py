@@ -182,6 +182,22 @@ INTEGER_KERNEL_PREFIXES = ("QLinear", "QGemm", "QAttention", "MatMulInteger", "C
                            "MatMulIntegerToFloat")
 
 
+def float_island_nodes(quantized: onnx.ModelProto) -> list[str]:
+    """Names of the file's nodes that the CPU EP runs in float between a DequantizeLinear and the next
+    QuantizeLinear (``cpu_kernels``'s float islands, found in the optimized graph, where a HardSwish is inlined
+    as HardSigmoid + Mul): the file's nodes that read an activation an island reads."""
+    from edgecompress import runtime
+
+    graph = runtime.optimized_graph(quantized).graph
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constants for o in n.output}
+    read = {i for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and not n.op_type.startswith(INTEGER_KERNEL_PREFIXES) for i in set(n.input) & dequantized}
+    return [n.name for n in quantized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and set(n.input) & read]
+
+
 def cpu_kernels(quantized: onnx.ModelProto) -> dict:
     """What onnxruntime's CPU EP actually runs for ``quantized`` once it has fused the QDQ pairs: the
     integer kernels by op type, and the Conv/MatMul/Gemm nodes still computing in float (a DQ -> Conv pair

@@ -49,6 +49,9 @@ FORMATS = ("qdq", "qoperator")
 TARGETS = ("cpu", "cuda", "mobile")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("uint8", "int8")
+# float islands (ops between a DequantizeLinear and the next QuantizeLinear on the CPU EP): "measure" leaves
+# each kind's regions float where that measured faster, "int8" keeps them quantized, "float" leaves them float
+ISLANDS = ("measure", "int8", "float")
 ZOO_METADATA_KEY = "edgecompress.model"
 _DYNAMIC_OPS = ("MatMul", "Gather", "Attention", "LSTM")
 _REFUSED = {
@@ -81,9 +84,11 @@ class QuantizeConfig:
     seed: int = 0
     input_shape: str | None = None  # fixes an ONNX file's dynamic dims for random samples and the speed check
     check_speed: bool = True  # time the int8 file against its input on the CPU EP (1 thread) and warn if slower
+    islands: str = "measure"  # what to do with float islands (``ISLANDS``, ``_island_regions``)
 
     def __post_init__(self):
         for field, value, allowed in (("mode", self.mode, MODES), ("format", self.format, FORMATS),
+                                      ("islands", self.islands, ISLANDS),
                                       ("target", self.target, TARGETS), ("calib method", self.calib_method, CALIB_METHODS)):
             if value is not None and value not in allowed:
                 raise ConfigError(f"unknown {field} {value!r}: use one of {', '.join(allowed)}")
@@ -220,7 +225,7 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
                 metrics = accuracy.output_metrics(reference, accuracy.run(q_model, inputs.evaluation))
                 layers = accuracy.layer_errors(variant_fp32, q_model, inputs.evaluation)
     saved = qgraph.compact(q_model, variant_fp32, zero_points=config.target == "cpu")
-    kernels = None
+    kernels, regions = None, {"float": [], "kinds": []}
     if config.target == "cpu":
         stage("checking the CPU kernels")
         try:
@@ -230,7 +235,16 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
             raise ExportError(f"onnxruntime's quantizer wrote a graph that does not load ({exc})"
                               + (f": the model has {'/'.join(subgraphs)} subgraphs, which it does not quantize "
                                  "correctly; --exclude their nodes or quantize the subgraph-free part" if subgraphs else "")) from None
-        unfused = [n for n in kernels["float_weight_ops"] if n not in set(exclude) | set(fp32_layers)]
+        measured = config.islands == "float" or (config.islands == "measure" and config.check_speed)
+        if plan.mode == "static" and kernels["float_islands"] and measured and inputs.evaluation:
+            stage("float islands: timing each kind's regions in int8 and in float")
+            q_model, kernels, regions = _islands(q_model, kernels, variant_fp32, plan, config, inputs,
+                                                 exclude + fp32_layers, warnings)
+            if regions["float"]:
+                saved = regions.pop("bytes_saved")
+                metrics = accuracy.output_metrics(reference, accuracy.run(q_model, inputs.evaluation))
+                layers = accuracy.layer_errors(variant_fp32, q_model, inputs.evaluation)
+        unfused = [n for n in kernels["float_weight_ops"] if n not in set(exclude) | set(fp32_layers) | set(regions["float"])]
         if plan.mode == "static" and unfused:
             _warn(warnings, f"{len(unfused)} weight node(s) stay float on onnxruntime's CPU EP (their QDQ pairs were "
                             f"not fused into integer kernels): {', '.join(unfused[:5])}{' ...' if len(unfused) > 5 else ''}")
@@ -258,7 +272,7 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
         **{k: metrics[k] for k in ("sqnr_db", "max_abs_diff", "rel_error", "top1_agreement")},
         "layers": layers, "balance": balance_info, "fp32_layers": fp32_layers, "excluded": exclude,
         "gemm_rewritten": gemms, "bytes_saved": saved, "coverage": qgraph.coverage(variant_fp32, q_model),
-        "cpu_kernels": kernels, "speed": speed, "folded": fold_note,
+        "cpu_kernels": kernels, "speed": speed, "folded": fold_note, "islands": regions,
         "op_counts": dict(sorted(Counter(n.op_type for n in q_model.graph.node).items())),
         "warnings": warnings, "config": config.to_dict(), "seconds": round(time.perf_counter() - start, 3),
     }
@@ -298,6 +312,57 @@ def _fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
         onnx.helper.set_model_props(model, props)
         notes.append(note)
     return model, "; ".join(notes) or "nothing to fold"
+
+
+def _island_regions(model: onnx.ModelProto, islands: list[str]) -> dict[str, list[str]]:
+    """Per op type, the regions of the float islands (``qgraph.float_island_nodes``, named as in ``model``):
+    each island node with the Conv/Gemm/MatMul that feeds it when it feeds nothing else. Left float together,
+    the Q/DQ pair between them goes, and the conv runs in float with its activation fused (FusedConv)."""
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    regions: dict[str, list[str]] = {}
+    for name in islands:
+        node = nodes.get(name)
+        source = producer.get(node.input[0]) if node is not None and node.input else None
+        if source is not None and source.op_type in ("Conv", "Gemm", "MatMul") and readers[source.output[0]] == 1 \
+                and source.name:
+            regions.setdefault(node.op_type, []).extend([source.name, name])
+    return regions
+
+
+ISLAND_GAIN = 0.97  # a float region is kept only where it measured at least 3% faster (timing noise is ~5%)
+
+
+def _islands(q_model, kernels, fp32, plan, config, inputs, exclude, warnings):
+    """Per kind of float island (most frequent first): quantize again with its regions left float
+    (``_island_regions``) and keep that where it runs faster on the CPU EP at 1 thread, interleaved against
+    the file so far ("measure"), or always ("float"). Returns the file, its kernels and what was done (with
+    the chosen file's ``qgraph.compact`` savings when a region went float)."""
+    from edgecompress.plan.timing import interleaved_ms
+
+    feed, floated, done, saved = inputs.evaluation[0], [], [], None
+    kinds = _island_regions(fp32, qgraph.float_island_nodes(q_model))
+    for kind, regions in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        with tempfile.TemporaryDirectory(prefix="edgecompress-q-") as tmp:
+            candidate = _run_ort(fp32, plan, config, inputs, exclude + floated + regions, Path(tmp))
+        candidate_saved = qgraph.compact(candidate, fp32, zero_points=True)
+        int8_ms, float_ms = interleaved_ms([q_model, candidate], [feed, feed], "cpu", 1)
+        keep = config.islands == "float" or float_ms < ISLAND_GAIN * int8_ms
+        sizes = q_model.ByteSize(), candidate.ByteSize()
+        done.append({"kind": kind, "regions": len(regions) // 2, "int8_ms": round(int8_ms, 4),
+                     "float_ms": round(float_ms, 4), "int8_bytes": sizes[0], "float_bytes": sizes[1],
+                     "kept": "float" if keep else "int8"})
+        if keep:
+            q_model, floated, saved = candidate, floated + regions, candidate_saved
+            _warn(warnings, f"{len(regions) // 2} {kind} island(s) left float with the conv that feeds each "
+                            f"({int8_ms:.2f} ms with them in int8, {float_ms:.2f} ms in float, 1 CPU thread; "
+                            f"{sizes[1] / 1e6:.2f} MB instead of {sizes[0] / 1e6:.2f} MB)"
+                            + ("" if config.islands == "float" else ": int8 did not pay there on this CPU; "
+                               "--islands int8 keeps them quantized, for size"))
+    if floated:
+        kernels = qgraph.cpu_kernels(q_model)
+    return q_model, kernels, {"float": floated, "kinds": done, **({"bytes_saved": saved} if floated else {})}
 
 
 def speed_check(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict) -> dict[str, Any]:

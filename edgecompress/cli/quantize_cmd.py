@@ -11,6 +11,7 @@ from edgecompress.errors import ConfigError
 from edgecompress.quantize import (
     CALIB_METHODS,
     FORMATS,
+    ISLANDS,
     MODES,
     TARGETS,
     QuantizeConfig,
@@ -44,11 +45,15 @@ from edgecompress.quantize import (
               help="Fix the file's dynamic dims for random samples and the speed check: 1x3x224x224, or name=SHAPE,...")
 @click.option("--no-speed-check", is_flag=True,
               help="Skip timing the int8 file against the input (1 CPU thread; it warns when int8 is slower).")
+@click.option("--islands", type=click.Choice(ISLANDS), default="measure", show_default=True,
+              help="Static CPU int8: ops left in float between Q/DQ pairs (HardSwish on the CPU EP). measure: per kind, "
+                   "quantize again with them and the conv feeding each left float, and keep that where it runs "
+                   "faster (1 thread; part of the speed check); int8: keep them as they are; float: always float.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 def command(model, int8, out, mode, target, calib, calib_samples, eval_samples, calib_method, per_channel, fmt, exclude,
             balance, no_compare_balance, random_calib, zoo_model, fp32_threshold, dynamic_conv, activations, input_shape,
-            no_speed_check, seed, report_path):
+            no_speed_check, islands, seed, report_path):
     """Quantize the ONNX model MODEL to int8 and report what it cost (SQNR, top-1 agreement, worst layers)."""
     if not int8:
         raise ConfigError("quantize needs --int8 (the only precision supported)")
@@ -57,7 +62,7 @@ def command(model, int8, out, mode, target, calib, calib_samples, eval_samples, 
                             target=target, balance=balance, compare_balance=not no_compare_balance,
                             random_calib=random_calib, zoo_model=zoo_model, fp32_threshold=fp32_threshold,
                             dynamic_conv=dynamic_conv, activations=activations, seed=seed, input_shape=input_shape,
-                            check_speed=not no_speed_check)
+                            check_speed=not no_speed_check, islands=islands)
     if report_path:
         io.ensure_writable(report_path)
     with err_console.status("loading") as status:

