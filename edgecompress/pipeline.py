@@ -346,10 +346,12 @@ def _fconfig(config: RunConfig, method: str, ratio: float | None, targets: tuple
 
     if targets:  # a planned variant: the methods asked for, else the planner's own default
         listed = tuple(config.methods or ())
+        timing = config.latency_config()  # a latency target: timed where keep-faster times (provider, threads, int8)
         return FactorizeConfig(method=listed[0] if listed else "svd", targets=targets, methods=listed,
                                rank_multiple=config.rank_multiple, min_params=config.min_params,
                                min_outputs=config.min_outputs, head_share=config.head_share, data_free=config.data_free,
-                               max_error=config.max_error)
+                               max_error=config.max_error, provider=timing.provider, threads=timing.threads,
+                               precision=timing.precision)
     return FactorizeConfig(method=method, ratio=ratio, rank_multiple=config.rank_multiple, min_params=config.min_params,
                            min_outputs=config.min_outputs, head_share=config.head_share, data_free=config.data_free)
 

@@ -66,8 +66,10 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
               help="Fit the factors to the weights alone (the data then only measures). Default: fitted to the "
                    "data's train part (calibration), layer by layer.")
 @click.option("--target", "targets", multiple=True, metavar="KIND=VALUE",
-              help="Add a planned variant auto-<kind><value>x per target (params=4x, macs=4x): each layer's method "
-                   "(among --methods) and ratio chosen for that whole-model figure. Default: params=<largest --ratio>.")
+              help="Add a planned variant auto-<kind><value>x per target (params=4x, macs=4x, latency=2x: timed on "
+                   "--provider at the first --threads, as int8 when the run makes int8 variants): each layer's "
+                   "method (among --methods) and ratio chosen for that whole-model figure. "
+                   "Default: params=<largest --ratio>.")
 @click.option("--max-error", type=float, default=None, metavar="E",
               help="A bound on each planned variant's whole-model output error on the held-out calibration "
                    "samples (relative, e.g. 0.1): layers step back towards dense until it holds.")
@@ -78,7 +80,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
               help="Your task metric: a function taking an ONNX file's path and returning a score, higher is "
                    "better. Every variant is scored with it (the report's score column, the recommendation, the "
                    "Pareto front), and so is each fine-tuning epoch. A planned variant (--target) is stepped back "
-                   "towards dense until it scores within --max-drop of dense (PyTorch models).")
+                   "towards dense until it scores within --max-drop of dense (PyTorch models and ONNX files).")
 @click.option("--no-plan", is_flag=True, help="No planned variant (only the uniform method x ratio ones).")
 @click.option("--keep-faster", is_flag=True,
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "

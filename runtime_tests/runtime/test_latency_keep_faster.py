@@ -139,3 +139,14 @@ def test_embeddings_stay_factorized_for_size_with_the_timing_noted():
     token = by_name["token_embedding"]
     assert token.method == "svd" and any("factorized for size" in n for n in token.notes)
     assert all(r.method == "dense" for r in report.layers if r.type == "Linear")
+
+
+def test_a_planned_latency_variant_of_run_is_timed_where_keep_faster_times():
+    """``run --target latency=2x``: on the run's provider at its first thread count, as int8 when the run makes
+    int8 variants (the kernels that ship), as --keep-faster does."""
+    from edgecompress.pipeline import RunConfig, _fconfig
+
+    planned = _fconfig(RunConfig(targets=(("latency", 2.0),), threads=(2, 4)), "auto", None, (("latency", 2.0),))
+    assert (planned.provider, planned.threads, planned.precision) == ("cpu", 2, "int8")
+    fp32 = _fconfig(RunConfig(targets=(("latency", 2.0),), int8=False), "auto", None, (("latency", 2.0),))
+    assert (fp32.threads, fp32.precision) == (1, "fp32")
