@@ -45,7 +45,7 @@ def factorize_options(func):
                        "calibration data. Repeatable (one per kind). Replaces --method/--ratio.")
     @click.option("--methods", default=None, metavar="LIST",
                   help="With --target: the methods the plan may use per layer, comma-separated "
-                       "(default svd,svd-spatial,tucker; cp and tt fit slowly on large layers).")
+                       "(default svd,svd-spatial,tucker, and cp on layers whose CP fit is cheap; tt fits slowly on large layers).")
     @click.option("--max-error", type=float, default=None, metavar="E",
                   help="With --target and --calib: a bound on the whole model's output error on the held-out "
                        "samples (relative, e.g. 0.1); the plan steps layers back towards dense until it holds, "

@@ -16,13 +16,12 @@ matters when the chain is quantized to int8 later.
 
 from __future__ import annotations
 
-import hashlib
 
 import torch
 import torch.nn as nn
 
 from edgecompress.capture.stats import LayerStats
-from edgecompress.factorize.base import SCREENING, SkipLayer, one_thread
+from edgecompress.factorize.base import SCREENING, SkipLayer, fingerprint, one_thread
 from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import ChannelSVDConv, InputSVDConv, LowRankLinear, SpatialSVDConv
@@ -47,8 +46,7 @@ def gram_spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None = None) -
     g, m, n = mats.shape
     memo = SCREENING.get()
     if memo is not None:  # a plan's ladder: every rank of this layer shares the spectrum
-        key = ("spectrum", hashlib.sha1(mats.detach().double().numpy().tobytes()).hexdigest(),
-               None if output_gram is None else hashlib.sha1(output_gram.double().numpy().tobytes()).hexdigest())
+        key = ("spectrum", fingerprint(mats), None if output_gram is None else fingerprint(output_gram))
         if key not in memo:
             token = SCREENING.set(None)
             try:

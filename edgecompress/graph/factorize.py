@@ -96,10 +96,6 @@ def factorize_onnx(model: onnx.ModelProto | Prepared, config: FactorizeConfig, o
 
         calib = onnx_calibration(model if isinstance(model, onnx.ModelProto) else model.model, calib_path)
     prepared = model if isinstance(model, Prepared) else prepare(model, input_shapes, calib)
-    if config.targets and not config.methods:
-        from edgecompress.plan.allocate import DEFAULT_METHODS
-
-        config = dataclasses.replace(config, methods=tuple(m for m in DEFAULT_METHODS if m in METHODS))
     used = {config.method, *(s.get("method", config.method) for _, s in config.overrides), *config.methods} - {"dense"}
     if used - set(METHODS):
         raise ConfigError(f"an ONNX model can be factorized with {', '.join(METHODS)}, not {', '.join(sorted(used - set(METHODS)))}")

@@ -110,7 +110,7 @@ def test_export_with_a_target_saves_a_plan_that_reproduces_the_file(cli, tmp_pat
     assert result.exit_code == 0, result.output
     assert "reached params" in result.stdout
     layers = json.loads(plan.read_text())["layers"]
-    assert layers and all(s["method"] in ("dense", "svd", "svd-spatial", "tucker") for s in layers.values())
+    assert layers and all(s["method"] in ("dense", "svd", "svd-spatial", "tucker", "cp") for s in layers.values())
     assert cli("export", "digits_cnn", "--config", plan, "-o", again).exit_code == 0
     assert planned.read_bytes() == again.read_bytes()
     x, y = digits.load_digits("test")
