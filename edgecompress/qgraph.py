@@ -182,41 +182,46 @@ INTEGER_KERNEL_PREFIXES = ("QLinear", "QGemm", "QAttention", "MatMulInteger", "C
                            "MatMulIntegerToFloat")
 
 
-def float_island_nodes(quantized: onnx.ModelProto) -> list[str]:
-    """Names of the file's nodes that the CPU EP runs in float between a DequantizeLinear and the next
-    QuantizeLinear (``cpu_kernels``'s float islands, found in the optimized graph, where a HardSwish is inlined
-    as HardSigmoid + Mul): the file's nodes that read an activation an island reads."""
-    from edgecompress import runtime
-
-    graph = runtime.optimized_graph(quantized).graph
+def _islands(graph: onnx.GraphProto) -> tuple[set[str], set[str], list[onnx.NodeProto]]:
+    """(constant tensors, including dequantized weights; dequantized activations; the island nodes) of an
+    optimized graph: ops that read a dequantized activation run in float between a DequantizeLinear and the
+    next QuantizeLinear (HardSwish, BatchNormalization on the CPU EP), paying both conversions."""
     constants = {i.name for i in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constants for o in n.output}
-    read = {i for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-            and not n.op_type.startswith(INTEGER_KERNEL_PREFIXES) for i in set(n.input) & dequantized}
+    return constants, dequantized, [n for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                                    and not n.op_type.startswith(INTEGER_KERNEL_PREFIXES) and set(n.input) & dequantized]
+
+
+def optimized(quantized: onnx.ModelProto) -> onnx.GraphProto:
+    """The graph onnxruntime's CPU EP runs for ``quantized``, its QDQ pairs fused."""
+    from edgecompress import runtime
+
+    return runtime.optimized_graph(quantized).graph
+
+
+def float_island_nodes(quantized: onnx.ModelProto, graph: onnx.GraphProto | None = None) -> list[str]:
+    """Names of the file's nodes that the CPU EP runs in float between a DequantizeLinear and the next
+    QuantizeLinear (``cpu_kernels``'s float islands, found in the optimized ``graph``, where a HardSwish is
+    inlined as HardSigmoid + Mul): the file's nodes that read an activation an island reads."""
+    _, dequantized, islands = _islands(graph if graph is not None else optimized(quantized))
+    read = {i for n in islands for i in set(n.input) & dequantized}
     return [n.name for n in quantized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
             and set(n.input) & read]
 
 
-def cpu_kernels(quantized: onnx.ModelProto) -> dict:
-    """What onnxruntime's CPU EP actually runs for ``quantized`` once it has fused the QDQ pairs: the
-    integer kernels by op type, and the Conv/MatMul/Gemm nodes still computing in float (a DQ -> Conv pair
-    it did not fuse runs as a dequantize plus a float conv: int8 in the file, fp32 in time)."""
-    from edgecompress import runtime
-
-    graph = runtime.optimized_graph(quantized).graph
-    constants = {i.name for i in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
+def cpu_kernels(quantized: onnx.ModelProto, graph: onnx.GraphProto | None = None) -> dict:
+    """What onnxruntime's CPU EP actually runs for ``quantized`` once it has fused the QDQ pairs (``graph``,
+    its ``optimized`` graph, when already made): the integer kernels by op type, the Conv/MatMul/Gemm nodes
+    still computing in float (a DQ -> Conv pair it did not fuse runs as a dequantize plus a float conv: int8
+    in the file, fp32 in time), and the float islands by op type."""
+    graph = graph if graph is not None else optimized(quantized)
+    constants, _, islands = _islands(graph)
     integer = Counter(n.op_type for n in graph.node if n.op_type.startswith(INTEGER_KERNEL_PREFIXES))
-    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constants for o in n.output}
-    islands = Counter(n.op_type for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                      and not n.op_type.startswith(INTEGER_KERNEL_PREFIXES) and set(n.input) & dequantized)
     return {"integer": dict(sorted(integer.items())),
             "float_weight_ops": [n.name for n in graph.node
                                  if n.op_type in _FLOAT_WEIGHT_KERNELS and len(n.input) > 1 and n.input[1] in constants],
-            # ops that read a dequantized activation: they run in float between a DequantizeLinear and the next
-            # QuantizeLinear (HardSwish, BatchNormalization on the CPU EP), paying both conversions
-            "float_islands": dict(sorted(islands.items()))}
+            "float_islands": dict(sorted(Counter(n.op_type for n in islands).items()))}
 
 
 def coverage(fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:

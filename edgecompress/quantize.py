@@ -229,7 +229,8 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
     if config.target == "cpu":
         stage("checking the CPU kernels")
         try:
-            kernels = qgraph.cpu_kernels(q_model)
+            graph = qgraph.optimized(q_model)
+            kernels = qgraph.cpu_kernels(q_model, graph)
         except LoadError as exc:
             subgraphs = sorted({n.op_type for n in fp32.graph.node if n.op_type in ("If", "Loop", "Scan")})
             raise ExportError(f"onnxruntime's quantizer wrote a graph that does not load ({exc})"
@@ -238,9 +239,10 @@ def quantize(model: str | Path | onnx.ModelProto, out: str | Path, config: Quant
         measured = config.islands == "float" or (config.islands == "measure" and config.check_speed)
         if plan.mode == "static" and kernels["float_islands"] and measured and inputs.evaluation:
             stage("float islands: timing each kind's regions in int8 and in float")
-            q_model, kernels, regions = _islands(q_model, kernels, variant_fp32, plan, config, inputs,
-                                                 exclude + fp32_layers, warnings)
+            q_model, regions = _islands(q_model, graph, variant_fp32, plan, config, inputs, exclude + fp32_layers,
+                                        warnings)
             if regions["float"]:
+                kernels = qgraph.cpu_kernels(q_model)
                 saved = regions.pop("bytes_saved")
                 metrics = accuracy.output_metrics(reference, accuracy.run(q_model, inputs.evaluation))
                 layers = accuracy.layer_errors(variant_fp32, q_model, inputs.evaluation)
@@ -334,15 +336,15 @@ def _island_regions(model: onnx.ModelProto, islands: list[str]) -> dict[str, lis
 ISLAND_GAIN = 0.97  # a float region is kept only where it measured at least 3% faster (timing noise is ~5%)
 
 
-def _islands(q_model, kernels, fp32, plan, config, inputs, exclude, warnings):
+def _islands(q_model, graph, fp32, plan, config, inputs, exclude, warnings):
     """Per kind of float island (most frequent first): quantize again with its regions left float
     (``_island_regions``) and keep that where it runs faster on the CPU EP at 1 thread, interleaved against
-    the file so far ("measure"), or always ("float"). Returns the file, its kernels and what was done (with
+    the file so far ("measure"), or always ("float"). Returns the file and what was done (with
     the chosen file's ``qgraph.compact`` savings when a region went float)."""
     from edgecompress.plan.timing import interleaved_ms
 
     feed, floated, done, saved = inputs.evaluation[0], [], [], None
-    kinds = _island_regions(fp32, qgraph.float_island_nodes(q_model))
+    kinds = _island_regions(fp32, qgraph.float_island_nodes(q_model, graph))
     for kind, regions in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
         with tempfile.TemporaryDirectory(prefix="edgecompress-q-") as tmp:
             candidate = _run_ort(fp32, plan, config, inputs, exclude + floated + regions, Path(tmp))
@@ -360,9 +362,7 @@ def _islands(q_model, kernels, fp32, plan, config, inputs, exclude, warnings):
                             f"{sizes[1] / 1e6:.2f} MB instead of {sizes[0] / 1e6:.2f} MB)"
                             + ("" if config.islands == "float" else ": int8 did not pay there on this CPU; "
                                "--islands int8 keeps them quantized, for size"))
-    if floated:
-        kernels = qgraph.cpu_kernels(q_model)
-    return q_model, kernels, {"float": floated, "kinds": done, **({"bytes_saved": saved} if floated else {})}
+    return q_model, {"float": floated, "kinds": done, **({"bytes_saved": saved} if floated else {})}
 
 
 def speed_check(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict) -> dict[str, Any]:
