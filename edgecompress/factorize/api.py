@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from edgecompress.factorize.base import FactorizedLayer, LayerRecord, SkipLayer
+from edgecompress.factorize.base import FactorizedLayer, LayerRecord, SkipLayer, sharing
 from edgecompress.factorize.config import FactorizeConfig
 from edgecompress.factorize.reconstruct import (
     can_refit,
@@ -114,14 +114,15 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
         order = capture.order([name for name, _ in candidates])
         unreached = [c for c in candidates if c[0] not in order]
         candidates = sorted((c for c in candidates if c[0] in order), key=lambda c: order.index(c[0]))
-    plan, before = None, {}  # before: each refitted layer's chain state before its refit
+    plan, before, memos = None, {}, {}  # before: each refitted layer's chain state before its refit
     held = _output_layer(layers, candidates, config, capture)
     if config.targets:
-        config, plan = _plan(model, config, candidates, capture, inputs, progress, judge, held, whole)
+        config, plan = _plan(model, config, candidates, capture, inputs, progress, judge, held, whole, memos)
     for index, (name, layer) in enumerate(candidates):
         if progress:
             progress(name, index, len(candidates))
-        record = _factorize_one(model, name, layer, config, _parent(model, name), capture, before, held)
+        with sharing(memos.pop(name, None)):  # the plan's spectra of this layer
+            record = _factorize_one(model, name, layer, config, _parent(model, name), capture, before, held)
         record.macs_before = macs_before.get(name)
         records.append(record)
     for name, layer in unreached:
@@ -143,7 +144,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, inputs: Sequence[torch
     return FactorizeReport(config, records, time.perf_counter() - start, calibration, plan)
 
 
-def _plan(model, config, candidates, capture, inputs, progress, judge=None, held=None, whole=None):
+def _plan(model, config, candidates, capture, inputs, progress, judge=None, held=None, whole=None, memos=None):
     """``config`` with each layer's method and ratio chosen for its targets (``edgecompress.plan``): layers
     the plan cannot use stay dense, layers with a size or output floor keep their reason."""
     from edgecompress.plan import allocate
@@ -160,7 +161,7 @@ def _plan(model, config, candidates, capture, inputs, progress, judge=None, held
 
     planned, plan = allocate(model, config, candidates, capture, inputs, skip,
                              (lambda name, i, n: progress(f"planning {name}", i, n)) if progress else None, judge,
-                             whole)
+                             whole, memos)
     listed = set(plan["layers"])
     unused = tuple((name, {"method": "dense"}) for name, layer in candidates
                    if name not in listed and not skip(name, layer, plan["methods"]))

@@ -45,15 +45,29 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-# set while a plan scores one layer's candidates (``plan.allocate``), to a dict the decomposers may keep
-# rank-independent work in (an SVD's spectrum, shared by every rank of the ladder); they may also take a
-# cheaper approximation of the same ranks (Tucker-2: truncated HOSVD, without HOOI sweeps). The chosen
-# candidate is fitted in full afterwards.
-SCREENING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("screening", default=None)
+# set while a plan scores one layer's candidates (``plan.allocate``): the decomposers may take a cheaper
+# approximation of the same ranks (Tucker-2: truncated HOSVD, without HOOI sweeps; CP: fewer ALS sweeps).
+# The chosen candidate is fitted in full afterwards.
+SCREENING: contextvars.ContextVar[bool] = contextvars.ContextVar("screening", default=False)
+# a dict the decomposers keep rank-independent work on one layer's weight in (an SVD's spectrum, keyed by
+# ``fingerprint``): shared by every rank of a plan's ladder, its checks' chains and the chosen candidate's
+# full fit, which computes the same spectrum from the same weight
+MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("memo", default=None)
+
+
+@contextlib.contextmanager
+def sharing(memo: dict | None, screening: bool = False):
+    """Fits in this block share ``memo`` (``MEMO``); ``screening``: they may also approximate (``SCREENING``)."""
+    tokens = MEMO.set(memo), SCREENING.set(screening)
+    try:
+        yield
+    finally:
+        SCREENING.reset(tokens[1])
+        MEMO.reset(tokens[0])
 
 
 def fingerprint(t: torch.Tensor) -> tuple:
-    """A key for ``SCREENING``'s memo (one layer's ladder): shape, sum, sum of squares and a strided sample of
+    """A key for ``MEMO`` (one layer's fits): shape, sum, sum of squares and a strided sample of
     ``t`` (a sha1 of every byte: 2 s of resnet18's latency plan, 1187 keys of up to 2.4M float64s)."""
     flat = t.detach().reshape(-1)
     sample = flat[:: max(1, flat.numel() // 4096)].double()

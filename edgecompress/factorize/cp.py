@@ -175,7 +175,7 @@ def cp_decompose(t: torch.Tensor, rank: int) -> tuple[CPResult | None, list[str]
     """CP of ``t`` with restarts; (None, notes) when every start diverged."""
     notes: list[str] = []
     norm = float(t.norm())
-    iterations = min(iteration_cap(t, rank), SCREEN_ITERATIONS) if SCREENING.get() is not None else None
+    iterations = min(iteration_cap(t, rank), SCREEN_ITERATIONS) if SCREENING.get() else None
     for init, seed in ATTEMPTS:
         result = cp_als(t, rank, init, seed, max_iterations=iterations)
         problem = diagnose(result, norm)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from edgecompress.capture.stats import LayerStats
-from edgecompress.factorize.base import SCREENING, SkipLayer, fingerprint, one_thread
+from edgecompress.factorize.base import MEMO, SkipLayer, fingerprint, one_thread
 from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import ChannelSVDConv, InputSVDConv, LowRankLinear, SpatialSVDConv
@@ -43,17 +43,17 @@ def gram_spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None = None) -
     With ``output_gram [g, m, m]`` (``W C W^T``, the output covariance on data) the basis is its top
     eigenvectors and the values are output energies: ``W ~ U_r U_r^T W`` is then the best rank-r
     approximation in the data norm ``||(W - W_r) L||`` with ``L L^T = C`` (no inverse of ``C`` needed)."""
-    g, m, n = mats.shape
-    memo = SCREENING.get()
-    if memo is not None:  # a plan's ladder: every rank of this layer shares the spectrum
+    memo = MEMO.get()
+    if memo is not None:  # a plan's ladder, its checks and the final fit: every rank of this layer shares it
         key = ("spectrum", fingerprint(mats), None if output_gram is None else fingerprint(output_gram))
         if key not in memo:
-            token = SCREENING.set(None)
-            try:
-                memo[key] = gram_spectrum(mats, output_gram)
-            finally:
-                SCREENING.reset(token)
+            memo[key] = _spectrum(mats, output_gram)
         return memo[key]
+    return _spectrum(mats, output_gram)
+
+
+def _spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    g, m, n = mats.shape
     left = m <= n or output_gram is not None
     x = mats.to(_work_dtype(mats))
     gram = output_gram if output_gram is not None else x @ x.transpose(1, 2) if left else x.transpose(1, 2) @ x

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tensorly.decomposition import partial_tucker
 
 from edgecompress.capture.stats import LayerStats
-from edgecompress.factorize.base import SCREENING, SkipLayer, fingerprint, one_thread
+from edgecompress.factorize.base import MEMO, SCREENING, SkipLayer, fingerprint, one_thread
 from edgecompress.factorize.convs import (check_factorizable, copy_bias, explicit_pad, grouped_weight,
                                           pointwise_step, set_weight, spatial_step)
 from edgecompress.factorize.layers import TuckerConv
@@ -35,8 +35,8 @@ HOOI_TOL = 1e-4  # stop when a sweep improves the relative error by less than th
 
 def _top_vectors(unfolded: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(singular values, leading left singular vectors) of each ``[m, n]`` in ``unfolded [g, m, n]``; a plan's
-    ladder of ranks shares them (``SCREENING``: resnet18's latency plan ran 316 of these eigh, 12 s, for 40)."""
-    memo = SCREENING.get()
+    ladder of ranks shares them (``MEMO``: resnet18's latency plan ran 316 of these eigh, 12 s, for 40)."""
+    memo = MEMO.get()
     key = ("top-vectors", fingerprint(unfolded)) if memo is not None else None
     if key is not None and key in memo:
         values, vectors = memo[key]
@@ -57,7 +57,7 @@ def tucker2(w: torch.Tensor, rank_out: int, rank_in: int) -> tuple[torch.Tensor,
     """Tucker-2 of ``w [g, o, i, *k]`` (float64) by tensorly's ``partial_tucker`` on modes 0 and 1 (HOSVD
     init, a few HOOI sweeps), group by group: (core [g, R_out, R_in, *k], U_out [g, o, R_out],
     U_in [g, i, R_in], relative error)."""
-    if SCREENING.get() is not None:  # truncated HOSVD: partial_tucker's own init, without its sweeps (resnet18's
+    if SCREENING.get():  # truncated HOSVD: partial_tucker's own init, without its sweeps (resnet18's
         # 512x512x3x3 ladder of 8 ranks: 41 s with them)
         u_out, u_in = _top_vectors(_unfold(w, 0), rank_out)[1], _top_vectors(_unfold(w, 1), rank_in)[1]
         core = torch.einsum("goi...,gor,gis->grs...", w, u_out, u_in)
@@ -146,8 +146,8 @@ def tucker_ranks(spec: RankSpec, w: torch.Tensor, weight: torch.Tensor | None = 
 
 def _kept_energy(w: torch.Tensor) -> torch.Tensor:
     """``kept[a-1, b-1]``: the energy the truncated HOSVD of ``w [g, o, i, *k]`` keeps at ranks ``(a, b)``, from
-    one rotation into both modes' singular bases. A plan's ladder of ratios shares it (``SCREENING``)."""
-    memo = SCREENING.get()
+    one rotation into both modes' singular bases. A plan's ladder of ratios shares it (``MEMO``)."""
+    memo = MEMO.get()
     key = ("hosvd-energy", fingerprint(w)) if memo is not None else None
     if key is not None and key in memo:
         return memo[key]

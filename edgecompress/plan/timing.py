@@ -3,8 +3,9 @@
 ``time_layers`` exports every candidate of a layer (and the dense layer) as its own small ONNX model at batch 1,
 quantizes it as ``quantize`` would when the precision is int8, and times all of them in interleaved rounds
 (medians), so that drift of the machine hits every candidate alike. Timings are cached in a JSON file keyed by
-the graph's structure (ops, attributes and weight shapes, not values), the input shape, the provider, threads,
-precision and the onnxruntime version: a later plan of the same shapes times nothing again.
+the module's structure (its tree, hyperparameters and weight shapes, not values: ``_key``), the input shape,
+the provider, threads, precision and the onnxruntime version: a later plan of the same shapes exports and
+times nothing again.
 
 Whole models are timed the same way (``interleaved_ms``, by ``plan.whole``), for the dense model's figure and
 the end-to-end check.
@@ -52,16 +53,29 @@ def _save_cache(cache: dict[str, float]) -> None:
         pass
 
 
-def _key(proto: onnx.ModelProto, shape: tuple[int, ...], config) -> str:
-    digest = hashlib.sha1()
-    for node in proto.graph.node:
-        digest.update(node.op_type.encode())
-        for attr in node.attribute:
-            digest.update(attr.SerializeToString())
-    for init in proto.graph.initializer:
-        digest.update(str(tuple(init.dims)).encode())
+# bump when what a module becomes in ONNX changes (exporters.export_onnx, simplify, the chain modules' forward)
+KEY_VERSION = 2
+
+
+def _structure(module: nn.Module) -> str:
+    """What decides the graph a module exports to, without exporting it: its tree (``repr``: each submodule's
+    type and hyperparameters), its tensors' names, shapes and dtypes, and each submodule's plain attributes
+    (ranks, modes). Not the weights' values: they change no node."""
+    parts = [repr(module)]
+    parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in (*module.named_parameters(), *module.named_buffers())]
+    for name, sub in module.named_modules():
+        plain = sorted((k, v) for k, v in vars(sub).items()
+                       if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple, list)))
+        parts.append(f"{name}:{type(sub).__module__}.{type(sub).__qualname__}:{plain}")
+    return "\n".join(parts)
+
+
+def _key(module: nn.Module, shape: tuple[int, ...], config) -> str:
+    """The cache key of ``module`` timed on an input of ``shape``: read from the module, so that a warm plan
+    exports nothing (resnet18's latency plan: 530 candidate exports, 18 s)."""
+    digest = hashlib.sha1(_structure(module).encode()).hexdigest()
     version = runtime.ort_module().__version__
-    return f"{config.provider}/{config.threads}/{config.precision}/{version}/{shape}/{digest.hexdigest()}"
+    return f"{config.provider}/{config.threads}/{config.precision}/{version}/{shape}/m{KEY_VERSION}/{digest}"
 
 
 def for_precision(proto: onnx.ModelProto, config) -> onnx.ModelProto:
@@ -94,12 +108,12 @@ def interleaved_ms(protos: list[onnx.ModelProto], feeds: list[dict[str, np.ndarr
 def time_layers(modules: list[nn.Module], sample: torch.Tensor, config) -> list[float]:
     """Milliseconds of each of ``modules`` (one layer's dense layer and chains) on one input ``sample``."""
     cache = _load_cache()
-    protos = [_onnx(m, [sample], config) for m in modules]
-    keys = [_key(p, tuple(sample.shape), config) for p in protos]
+    keys = [_key(m, tuple(sample.shape), config) for m in modules]
     todo = [k for k, key in enumerate(keys) if key not in cache]
     if todo:
-        feed = [{p.graph.input[0].name: sample.numpy()} for p in protos]
-        for k, ms in zip(todo, interleaved_ms([protos[k] for k in todo], [feed[k] for k in todo], config.provider, config.threads)):
+        protos = [_onnx(modules[k], [sample], config) for k in todo]
+        feeds = [{p.graph.input[0].name: sample.numpy()} for p in protos]
+        for k, ms in zip(todo, interleaved_ms(protos, feeds, config.provider, config.threads)):
             cache[keys[k]] = ms
         _save_cache(cache)
     return [cache[key] for key in keys]

@@ -28,13 +28,26 @@ class WholeModel:
 
     build: Callable[[dict[str, nn.Module]], onnx.ModelProto]
     feed: dict[str, np.ndarray] | list[np.ndarray]
+    _dense: dict[tuple[str, str], onnx.ModelProto] = dataclasses.field(default_factory=dict, repr=False)
+
+    def _as_run(self, chains: dict[str, nn.Module], timing) -> onnx.ModelProto:
+        """The model with ``chains`` in place as it will run on ``timing``; the dense one built once (every
+        check of a latency plan times it again beside the planned one)."""
+        from edgecompress.plan.timing import for_precision
+
+        if chains:
+            return for_precision(self.build(chains), timing)
+        key = (timing.provider, timing.precision)
+        if key not in self._dense:
+            self._dense[key] = for_precision(self.build({}), timing)
+        return self._dense[key]
 
     def latency(self, chain_sets: list[dict[str, nn.Module]], timing) -> list[float]:
         """Median ms of the model with each set of chains in place, interleaved on ``timing``'s provider,
         threads and precision (int8: quantized as ``quantize`` would)."""
-        from edgecompress.plan.timing import for_precision, interleaved_ms
+        from edgecompress.plan.timing import interleaved_ms
 
-        protos = [for_precision(self.build(chains), timing) for chains in chain_sets]
+        protos = [self._as_run(chains, timing) for chains in chain_sets]
         feeds = [dict(zip((i.name for i in p.graph.input), self.feed)) if isinstance(self.feed, list) else
                  {i.name: self.feed[i.name] for i in p.graph.input} for p in protos]
         return interleaved_ms(protos, feeds, timing.provider, timing.threads)
