@@ -383,7 +383,10 @@ def _check_latency(config, layers, curves, budgets, at, whole, timing):
         tried.append((dict(at), speedup, damage))
         if target <= speedup <= target * CLOSE:
             break
-        budgets = {**budgets, "latency": budgets["latency"] * speedup / target}
+        # too slow: the whole miss; faster than needed: half of it, in log terms (resnet18 at 2x measured 2.21x,
+        # and with the whole step 1.98x: one more check, 7 s, to land at 2.02x)
+        step = speedup / target if speedup < target else (speedup / target) ** 0.5
+        budgets = {**budgets, "latency": budgets["latency"] * step}
         at, _ = choose(curves, budgets)
         if any(at == seen for seen, _, _ in tried):
             break
