@@ -94,8 +94,8 @@ class Candidate:
 def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
                      sample: torch.Tensor | None = None, timing=None, keep_chains: bool = False,
                      macs: bool = True, memo: dict | None = None) -> list[Candidate]:
-    """Dense, then each method at each rung of the ladder (``_ladder``) that saves parameters (chains with the same ranks
-    counted once), scored on ``capture``'s held-out samples when there is one; with a ``timing`` config
+    """Dense, then each method at each rung of the ladder (``_ladder``) that saves parameters (chains with the
+    same ranks counted once), scored on ``capture``'s held-out samples when there is one; with a ``timing`` config
     (a ``LatencyConfig``) every candidate is also timed on its provider (``plan.timing``). ``keep_chains``:
     each candidate keeps its chain, for the whole-model checks (``--max-error``, ``--eval``). ``macs``: count
     each candidate's MACs on ``sample`` (a forward pass each: a MAC target needs them, others leave them
@@ -337,7 +337,7 @@ def _timing(config):
     return LatencyConfig(provider=config.provider, threads=config.threads, precision=config.precision)
 
 
-CHECKS = 4  # end-to-end latency measurements, each rescaling the budget by the miss
+CHECKS = 4  # end-to-end latency measurements, each rescaling the budget by the miss (``_check_latency``)
 # a measured speedup this close above the target is taken as it is. resnet18 at 2x measured 2.19x first, and at
 # 1.08 three more checks (7 s each) went 1.97x, 2.00x, 2.02x
 CLOSE = 1.10

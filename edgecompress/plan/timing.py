@@ -64,8 +64,8 @@ def _structure(module: nn.Module) -> str:
     parts = [repr(module)]
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in (*module.named_parameters(), *module.named_buffers())]
     for name, sub in module.named_modules():
-        plain = sorted((k, v) for k, v in vars(sub).items()
-                       if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple, list)))
+        plain = sorted((k, v) for k, v in vars(sub).items() if not k.startswith("_") and k != "training"
+                       and isinstance(v, (bool, int, float, str, tuple, list)))
         parts.append(f"{name}:{type(sub).__module__}.{type(sub).__qualname__}:{plain}")
     return "\n".join(parts)
 
