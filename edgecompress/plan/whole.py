@@ -28,7 +28,7 @@ class WholeModel:
 
     build: Callable[[dict[str, nn.Module]], onnx.ModelProto]
     feed: dict[str, np.ndarray] | list[np.ndarray]
-    _dense: dict[tuple[str, str], onnx.ModelProto] = dataclasses.field(default_factory=dict, repr=False)
+    _dense: dict[tuple[str, str], onnx.ModelProto] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def _as_run(self, chains: dict[str, nn.Module], timing) -> onnx.ModelProto:
         """The model with ``chains`` in place as it will run on ``timing``; the dense one built once (every
