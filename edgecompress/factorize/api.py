@@ -21,8 +21,8 @@ from edgecompress.factorize.base import FactorizedLayer, LayerRecord, SkipLayer,
 from edgecompress.factorize.config import FactorizeConfig
 from edgecompress.factorize.reconstruct import (
     can_refit,
-    held_error,
-    output_errors,
+    HeldErrors,
+    held_errors,
     refine_,
     refit_last_,
 )
@@ -249,12 +249,13 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
         return record
     record.notes = list(result.notes) + (stats.notes if stats is not None else [])
     if inputs is not None:
-        record.fit, saved = _fit_to_data(result.module, layer, inputs, stats is not None)
+        record.fit, saved, errors = _fit_to_data(result.module, layer, inputs, stats is not None)
         if saved is not None and before is not None:
             before[name] = saved
-        record.output_error, record.output_error_in_model = (round(e, 6) for e in output_errors(result.module, layer, inputs))
-        if inputs.downstream:
-            record.output_error_after_relu = round(held_error(result.module, layer, inputs, inputs.downstream.rectifier), 6)
+        errors = errors or held_errors(result.module, layer, inputs)
+        record.output_error, record.output_error_in_model = round(errors.local, 6), round(errors.in_model, 6)
+        if errors.after_relu is not None:
+            record.output_error_after_relu = round(errors.after_relu, 6)
         if config.max_layer_error is not None and record.output_error > config.max_layer_error:
             record.reason = (f"output error {record.output_error:.3g} on held-out data is above --max-layer-error "
                              f"{config.max_layer_error:g}")
@@ -272,26 +273,29 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
     return record
 
 
-def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: bool) -> tuple[str, dict | None]:
+def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs,
+                 data_aware: bool) -> tuple[str, dict | None, HeldErrors | None]:
     """Refit ``chain`` to the data when ``data_aware``; say what was fitted, and return the chain's state from
-    before its refit (None when nothing was refitted): ``_keep_refits_`` decides on the whole model."""
+    before its refit (None when nothing was refitted: ``_keep_refits_`` decides on the whole model) and its
+    held-out errors where the refit measured them."""
     if not data_aware:
-        return "weights", None
+        return "weights", None, None
     if isinstance(layer, nn.Embedding):
-        return "data: rows weighted by how often they are looked up", None
+        return "data: rows weighted by how often they are looked up", None, None
     fit, saved = "data: whitened factors", copy.deepcopy(chain.state_dict())
     if can_refit(chain):
         refit = refit_last_(chain, layer, inputs)
         if not refit.changed:
-            return f"{fit} (the refit of the last step did worse on held-out samples)", None
+            return f"{fit} (the refit of the last step did worse on held-out samples)", None, None
         if refit.rectified:
             before, after = refit.rectified_error
             return (f"{fit}, last step refit through its {inputs.downstream.rectifier.describe()} (held-out rectified "
-                    f"error {before:.3g} -> {after:.3g})"), saved
-        return f"{fit}, last step refit (shrinkage {refit.shrinkage:g})", saved
-    if refine_(chain, layer, inputs):
-        return f"{fit}, all factors refined (L-BFGS)", saved
-    return fit, None
+                    f"error {before:.3g} -> {after:.3g})"), saved, None
+        return f"{fit}, last step refit (shrinkage {refit.shrinkage:g})", saved, None
+    refined, errors = refine_(chain, layer, inputs)
+    if refined:
+        return f"{fit}, all factors refined (L-BFGS)", saved, errors
+    return fit, None, errors
 
 
 def _keep_refits_(model: nn.Module, records: list[LayerRecord], capture, before: dict[str, dict]) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,13 +27,17 @@ from edgecompress.factorize.layers import ConvChain, LowRankLinear
 
 log = logging.getLogger(__name__)
 
-REFINE_BUDGET = 1 << 21  # target values the refine fits on (8 MB of float32)
+REFINE_BUDGET = 1 << 18  # target values the refine fits on (1 MB of float32)
 REFINE_STEPS = 20  # digits TT-4x: 10 steps 97.8%, 20 steps 98.9%, 30 steps 98.9% (11, 15, 20 s)
-# multiply-adds one refine may spend (an evaluation is a forward and a backward, about 3 forwards; L-BFGS's
-# line search makes about 1.25 evaluations a step): a chain dearer than that gets fewer samples, then fewer
-# steps (at least MIN_REFINE_STEPS). CREPE full's TT conv2 at 4x costs 12.5 GMAC a sample (the dense conv
-# 1.1): 20 steps on 8 samples ran over 17 minutes; held to 1 sample and 6 steps, the export takes 3 minutes at
-# 74.25% RPA (1.5e11, 3 steps: 2.5 minutes, 48.5%). digits tt 4x is not held: 98.6%
+# multiply-adds one refine may spend: REFINE_PASSES dense passes of the layer over its fitting samples, at least
+# REFINE_MACS_FLOOR, at most REFINE_MACS. A chain dearer than that gets fewer samples (spread over all of them),
+# then fewer steps (at least MIN_REFINE_STEPS). resnet18 at 224, TT 4x, 64 samples: the first 10 samples and
+# 20 steps took 2-7 s a layer, 545 s a plan; held to 4 passes (3e10 MACs) 0.4-1.3 s a layer, 31 s a plan, at
+# the same held-out errors (within 0.03). CREPE full's TT conv2 at 4x costs 12.5 GMAC a sample (the dense conv
+# 1.1): held to 1 sample and 6 steps by the cap, the export takes 3 minutes at 74.25% RPA (1.5e11, 3 steps:
+# 2.5 minutes, 48.5%). digits' small layers get the floor: 98.1-98.3% in 5 s (all 64 samples: 98.6%, 20 s)
+REFINE_PASSES = 4
+REFINE_MACS_FLOOR = 3e10
 REFINE_MACS = 3e11
 MIN_REFINE_STEPS = 3
 
@@ -260,60 +265,86 @@ class _Rectified:
         return math.sqrt(error / (energy or 1e-30))
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldErrors:
+    """Relative output errors of a chain on the held-out inputs (the fitted ones when none are held out):
+    on the same dense inputs as the dense layer (``local``), in the compressed model against the dense model
+    (``in_model``), and the same after the ReLU the layer feeds (``after_relu``; None where none follows)."""
+
+    local: float
+    in_model: float
+    after_relu: float | None = None
+
+    @property
+    def seen(self) -> float:
+        """What the next layer sees: the error after the ReLU where there is one, else in the model."""
+        return self.in_model if self.after_relu is None else self.after_relu
+
+
 @torch.no_grad()
-def output_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> tuple[float, float]:
-    """Relative output errors of ``chain`` against ``layer`` on the held-out inputs (the fitted ones when
-    none are held out): (on the same dense inputs, in the compressed model against the dense model)."""
+def held_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> HeldErrors:
+    """``chain``'s ``HeldErrors``, from one pass on each held-out batch (two where the compressed model's
+    inputs differ from the dense model's)."""
+    rectifier = inputs.downstream.rectifier if inputs.downstream is not None else None
     held = bool(inputs.held_dense)
     dense, current = (inputs.held_dense, inputs.held_current) if held else (inputs.dense, inputs.current)
     targets = inputs.held_targets if held else inputs.targets
     targets = targets if targets is not None else [layer(x) for x in dense]
-    local = in_model = energy = 0.0
+    local = in_model = relu = energy = relu_energy = 0.0
     for x_dense, x_current, y in zip(dense, current, targets):
+        y_local = chain(x_dense).double()
+        y_model = y_local if x_current is x_dense else chain(x_current).double()
         y = y.double()
+        local += float((y_local - y).pow(2).sum())
+        in_model += float((y_model - y).pow(2).sum())
         energy += float(y.pow(2).sum())
-        local_part = float((chain(x_dense).double() - y).pow(2).sum())
-        local += local_part
-        in_model += local_part if x_current is x_dense else float((chain(x_current).double() - y).pow(2).sum())
+        if rectifier is not None:
+            t = rectified(rectifier, layer, y)
+            relu += float((rectified(rectifier, layer, y_model) - t).pow(2).sum())
+            relu_energy += float(t.pow(2).sum())
     energy = energy or 1e-30
-    return math.sqrt(local / energy), math.sqrt(in_model / energy)
+    return HeldErrors(math.sqrt(local / energy), math.sqrt(in_model / energy),
+                      None if rectifier is None else math.sqrt(relu / (relu_energy or 1e-30)))
 
 
-def _within_budget(currents: list[torch.Tensor], targets: list[torch.Tensor]):
-    """The first samples whose targets hold at most ``REFINE_BUDGET`` values (at least one sample): each
-    L-BFGS step runs the chain forward and backward on them (resnet18 at 224, all 64 samples: minutes a layer)."""
-    kept_x, kept_y, used = [], [], 0
-    for x, y in zip(currents, targets):
-        per_sample = y[0].numel()
-        room = max(1 if not kept_y else 0, (REFINE_BUDGET - used) // per_sample)
-        if room == 0:
-            break
-        kept_x.append(x[:room])
-        kept_y.append(y[:room])
-        used += per_sample * len(kept_y[-1])
-    return kept_x, kept_y
+def _refine_set(chain: nn.Module, layer: nn.Module, currents: list[torch.Tensor], targets: list[torch.Tensor],
+                steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The samples the refine fits on, evenly spaced over all of them, and its L-BFGS steps: at most
+    ``REFINE_BUDGET`` target values and ``_refine_macs`` multiply-adds (then fewer steps, at least
+    ``MIN_REFINE_STEPS``). Fixed by the data, so a plan and its ``--config`` fit alike."""
+    xs = [x[i : i + 1] for x in currents for i in range(len(x))]
+    ys = [y[i : i + 1] for y in targets for i in range(len(y))]
+    with torch.no_grad():
+        budget = _refine_macs(layer, xs[0], len(xs))
+    count, steps = _fitting(chain, xs[0], ys[0].numel(), len(ys), budget, steps)
+    chosen = sorted({round(i) for i in np.linspace(0, len(ys) - 1, count)})
+    if count < len(ys) or steps < REFINE_STEPS:
+        log.info("refine held to %d of %d samples and %d L-BFGS steps (%.3g MACs)", len(chosen), len(ys), steps,
+                 budget)
+    return torch.cat([xs[i] for i in chosen]), torch.cat([ys[i] for i in chosen]), steps
 
 
-def _within_compute(chain: nn.Module, currents: list[torch.Tensor], targets: list[torch.Tensor], steps: int):
-    """Samples and L-BFGS steps whose forward and backward passes stay within ``REFINE_MACS``."""
+def _refine_macs(layer: nn.Module, x: torch.Tensor, samples: int) -> float:
+    """Multiply-adds one refine may spend: ``REFINE_PASSES`` dense passes of the layer over its fitting
+    samples, within ``[REFINE_MACS_FLOOR, REFINE_MACS]``."""
     from edgecompress.stats import count_macs
 
-    with torch.no_grad():
-        per_eval = 3 * 1.25 * count_macs(chain, [currents[0][:1]])[0]  # one sample, forward and backward
-    samples = sum(len(x) for x in currents)
-    if per_eval * samples * steps <= REFINE_MACS:
-        return currents, targets, steps
-    keep = max(1, min(samples, int(REFINE_MACS // (per_eval * steps))))
-    kept_x, kept_y, left = [], [], keep
-    for x, y in zip(currents, targets):
-        if left > 0:
-            kept_x.append(x[:left])
-            kept_y.append(y[:left])
-            left -= len(kept_x[-1])
-    steps = max(MIN_REFINE_STEPS, min(steps, int(REFINE_MACS // (per_eval * keep))))
-    log.info("refine held to %d sample(s) and %d L-BFGS steps: the chain costs %.3g MACs a sample", keep, steps,
-             per_eval / 3.75)
-    return kept_x, kept_y, steps
+    dense = count_macs(layer, [x])[0] * samples
+    return min(REFINE_MACS, max(REFINE_MACS_FLOOR, REFINE_PASSES * dense))
+
+
+def _fitting(chain: nn.Module, probe: torch.Tensor, values: int, samples: int, budget: float,
+             steps: int) -> tuple[int, int]:
+    """``(samples, steps)`` of a refine on samples like ``probe`` (``values`` targets each, at most
+    ``samples`` of them) within ``REFINE_BUDGET`` values and ``budget`` multiply-adds."""
+    from edgecompress.stats import count_macs
+
+    with torch.no_grad():  # L-BFGS's line search makes about 1.25 evaluations a step, each about 3 forwards
+        per_step = 3 * 1.25 * count_macs(chain, [probe])[0]
+    count = max(1, min(samples, REFINE_BUDGET // values, int(budget // (per_step * steps))))
+    if per_step * count * steps > budget:
+        steps = max(MIN_REFINE_STEPS, min(steps, int(budget // (per_step * count))))
+    return count, steps
 
 
 def rectified(rectifier, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -328,42 +359,27 @@ def rectified(rectifier, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.clamp_min(0)
 
 
-def held_error(chain: nn.Module, layer: nn.Module, inputs: LayerInputs, rectifier) -> float:
-    """In-model held-out error of ``chain``, after the rectifier when there is one."""
-    if rectifier is None:
-        return output_errors(chain, layer, inputs)[1]
-    held = bool(inputs.held_current)
-    current, targets = (inputs.held_current, inputs.held_targets) if held else (inputs.current, inputs.targets)
-    error = energy = 0.0
-    with torch.no_grad():
-        for x, y in zip(current, targets if targets is not None else [layer(x) for x in current]):
-            t = rectified(rectifier, layer, y).double()
-            error += float((rectified(rectifier, layer, chain(x)).double() - t).pow(2).sum())
-            energy += float(t.pow(2).sum())
-    return math.sqrt(error / (energy or 1e-30))
-
-
-def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps: int = REFINE_STEPS) -> bool:
+def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs,
+            steps: int = REFINE_STEPS) -> tuple[bool, HeldErrors]:
     """L-BFGS on ``||chain(current) - layer(dense)||^2`` over all of ``chain``'s parameters (both through the
-    layer's ReLU where it feeds one: ``inputs.downstream``); the chain is changed only if its held-out
-    in-model error falls. Returns whether it was."""
+    layer's ReLU where it feeds one: ``inputs.downstream``), on ``_refine_set``'s samples; the chain is changed
+    only if its held-out in-model error falls. Returns whether it was, and the chain's held-out errors."""
     rectifier = inputs.downstream.rectifier if inputs.downstream is not None else None
     with torch.no_grad():
         targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
-    currents, targets = _within_budget(inputs.current, targets)
-    currents, targets, steps = _within_compute(chain, currents, targets, steps)
-    targets = [rectified(rectifier, layer, t) for t in targets]
-    before = held_error(chain, layer, inputs, rectifier)
+    x, target, steps = _refine_set(chain, layer, inputs.current, targets, steps)
+    target = rectified(rectifier, layer, target)
+    before = held_errors(chain, layer, inputs)
     trial = copy.deepcopy(chain).train()
     params = [p for p in trial.parameters()]
     for p in params:
         p.requires_grad_(True)
-    norm = sum(float(t.pow(2).sum()) for t in targets) or 1.0
+    norm = float(target.pow(2).sum()) or 1.0
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = sum((rectified(rectifier, layer, trial(x)) - t).pow(2).sum() for x, t in zip(currents, targets)) / norm
+        loss = (rectified(rectifier, layer, trial(x)) - target).pow(2).sum() / norm
         loss.backward()
         return loss
 
@@ -372,7 +388,8 @@ def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs, steps
     for p in params:
         p.requires_grad_(False)
     trial.eval()
-    if held_error(trial, layer, inputs, rectifier) < before:
+    after = held_errors(trial, layer, inputs)
+    if after.seen < before.seen:
         chain.load_state_dict(trial.state_dict())
-        return True
-    return False
+        return True, after
+    return False, before

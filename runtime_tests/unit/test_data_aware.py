@@ -39,9 +39,10 @@ def results(setting):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_data_aware_keeps_the_digits_model_at_4x(results, method):
-    """Today's weight-only figures (svd 49%, tt 16%) against >= 98.5% with 64 calibration digits."""
+    """Today's weight-only figures (svd 49%, tt 16%) against >= 98.5% with 64 calibration digits (tt: 98%,
+    its L-BFGS refine held to ``REFINE_MACS_FLOOR``; on all 64 samples it measured 98.6%, in 4x the time)."""
     accuracy, report = results[method, False]
-    assert accuracy >= 0.985, accuracy
+    assert accuracy >= (0.98 if method == "tt" else 0.985), accuracy
     assert report.calibration["fit_samples"] == 64 and report.calibration["held_out_samples"] == 9
     assert all(r.fit.startswith("data") for r in report.factorized)
 
@@ -145,17 +146,33 @@ def test_the_refine_is_held_to_a_compute_budget(monkeypatch):
     from edgecompress.factorize import reconstruct
 
     chain = nn.Linear(64, 64, bias=False)  # 4096 MACs a sample: 15360 an evaluation, with the backward
-    xs, ys = [torch.randn(10, 64), torch.randn(10, 64)], [torch.randn(10, 64), torch.randn(10, 64)]
-    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360 * 20 * 20)
-    assert [len(x) for x in reconstruct._within_compute(chain, xs, ys, 20)[0]] == [10, 10]
-    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360 * 5 * 20)
-    kept, targets, steps = reconstruct._within_compute(chain, xs, ys, 20)
-    assert [len(x) for x in kept] == [5] and [len(y) for y in targets] == [5] and steps == 20
-    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360 * 4)
-    kept, _, steps = reconstruct._within_compute(chain, xs, ys, 20)
-    assert sum(len(x) for x in kept) == 1 and steps == 4
-    monkeypatch.setattr(reconstruct, "REFINE_MACS", 15360)
-    assert reconstruct._within_compute(chain, xs, ys, 20)[2] == reconstruct.MIN_REFINE_STEPS
+    probe = torch.randn(1, 64)
+    assert reconstruct._fitting(chain, probe, 64, 20, 15360 * 20 * 20, 20) == (20, 20)
+    assert reconstruct._fitting(chain, probe, 64, 20, 15360 * 5 * 20, 20) == (5, 20)
+    assert reconstruct._fitting(chain, probe, 64, 20, 15360 * 4, 20) == (1, 4)
+    assert reconstruct._fitting(chain, probe, 64, 20, 15360, 20)[1] == reconstruct.MIN_REFINE_STEPS
+    monkeypatch.setattr(reconstruct, "REFINE_BUDGET", 64 * 3)  # and at most this many target values
+    assert reconstruct._fitting(chain, probe, 64, 20, 15360 * 20 * 20, 20)[0] == 3
+
+
+def test_the_refine_spends_a_few_dense_passes_on_samples_spread_over_all(monkeypatch):
+    """Its budget is REFINE_PASSES passes of the dense layer over the fitting samples (within the floor and
+    the cap), and the samples it fits are spread over all of them, not the first ones."""
+    from edgecompress.factorize import reconstruct
+
+    layer = nn.Conv2d(8, 8, 3, padding=1)  # 8 * 8 * 9 * 100 = 57600 MACs a sample of 10 x 10
+    x = torch.randn(1, 8, 10, 10)
+    monkeypatch.setattr(reconstruct, "REFINE_MACS_FLOOR", 0)
+    assert reconstruct._refine_macs(layer, x, 30) == reconstruct.REFINE_PASSES * 57600 * 30
+    monkeypatch.setattr(reconstruct, "REFINE_MACS", 1000)
+    assert reconstruct._refine_macs(layer, x, 30) == 1000
+    currents = [torch.arange(16.0).reshape(16, 1, 1, 1).expand(16, 8, 10, 10), 16 + torch.zeros(4, 8, 10, 10)]
+    targets = [c[:, :1] for c in currents]
+    monkeypatch.setattr(reconstruct, "REFINE_MACS", 1e12)
+    monkeypatch.setattr(reconstruct, "REFINE_PASSES", 1000)
+    monkeypatch.setattr(reconstruct, "REFINE_BUDGET", 5 * 100)  # 5 samples' targets
+    xs, ys, steps = reconstruct._refine_set(layer, layer, currents, targets, 20)
+    assert [float(v) for v in ys[:, 0, 0, 0]] == [0, 5, 10, 14, 16] and len(xs) == 5 and steps == 20
 
 
 def test_a_layer_with_many_outputs_is_refit_through_its_relu_on_a_sample_of_its_pixels(setting, monkeypatch):
