@@ -76,7 +76,6 @@ class Candidate:
     damage: float  # squared relative error (see the module docstring); 0 for dense
     ms: float | None = None  # measured alone on the provider (latency targets only)
     chain: nn.Module | None = dataclasses.field(default=None, repr=False)  # kept for --max-error's and --eval's checks
-    memo: dict | None = dataclasses.field(default=None, repr=False)  # its layer's screening memo, to build it again
 
     def cost(self, kind: str) -> float:
         return {"params": self.params, "macs": self.macs, "latency": self.ms}[kind]
@@ -220,8 +219,10 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     layer (its chosen method and ratio, or dense) and the plan as a dict for the report. ``whole`` (the model
     as an ONNX graph with chains in place) is what a latency target is measured on and ``judge`` (the user's
     metric, ``--eval``) scores: the choice is stepped back until the whole model scores within its drop.
-    ``memos`` gets each layer's screening memo (spectra, ``MEMO_BYTES`` in all), for the chosen fit."""
+    ``memos`` gets each layer's screening memo (spectra, ``MEMO_BYTES`` in all): the checks' chains and the
+    chosen fit compute the same spectra again."""
     start = time.perf_counter()
+    memos = {} if memos is None else memos
     methods = tuple(config.methods) or DEFAULT_METHODS
     samples = _samples(model, layers, capture, inputs)
     kinds = [kind for kind, _ in config.targets]
@@ -253,12 +254,9 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
         options = layer_candidates(name, layer, config, tried, capture, samples.get(name), timing,
                                    keep_chains=config.max_error is not None or judge is not None,
                                    macs="macs" in kinds, memo=memo)
-        if kept + _nbytes(memo) <= MEMO_BYTES:  # the checks and the final fit compute the same spectra again
+        if kept + _nbytes(memo) <= MEMO_BYTES:
             kept += _nbytes(memo)
-            for option in options:
-                option.memo = memo
-            if memos is not None:
-                memos[name] = memo
+            memos[name] = memo
         if len(options) > 1:
             curves[name] = options
             for kind in fixed:
@@ -275,7 +273,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     checks = []
     if timing is not None:
         at, chosen, met, reached["latency"], checks = _check_latency(config, layers, curves, budgets, at, whole,
-                                                                     timing)
+                                                                     timing, memos)
     error_checks, score_checks = [], []
 
     def reach_again(before):  # after a step back: the costs summed again, the speedup measured again
@@ -283,7 +281,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
             if kind != "latency":
                 reached[kind] = round(totals[kind] / max(1e-9, fixed[kind] + sum(c.cost(kind) for c in chosen.values())), 4)
             elif at != before:
-                dense_ms, planned_ms = _time_choice(config, dict(layers), curves, at, whole, timing)
+                dense_ms, planned_ms = _time_choice(config, dict(layers), curves, at, whole, timing, memos)
                 reached["latency"] = round(dense_ms / planned_ms, 4)
         return all(reached[kind] >= value * (1 - 1e-6) for kind, value in config.targets)
 
@@ -294,7 +292,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     if judge is not None:
         before = dict(at)
         judge = dataclasses.replace(judge, floor=whole.score({}, judge.score) - judge.max_drop)
-        at, chosen, scored, score_checks = _bound_score(config, dict(layers), curves, at, whole, judge)
+        at, chosen, scored, score_checks = _bound_score(config, dict(layers), curves, at, whole, judge, memos)
         met = reach_again(before) and scored and (not error_checks or error_checks[-1]["error"] <= config.max_error)
     overrides = tuple((_glob_escape(name), {"method": "dense"} if c.method == "dense" else
                        {"method": c.method, "ratio": c.ratio}) for name, c in chosen.items())
@@ -343,29 +341,30 @@ CHECKS = 4  # end-to-end latency measurements, each rescaling the budget by the 
 CLOSE = 1.10
 
 
-def _chains(config, layer_of, curves, at) -> dict[str, nn.Module]:
+def _chains(config, layer_of, curves, at, memos) -> dict[str, nn.Module]:
     """The chosen candidates' chains: kept from screening, else decomposed again from the weights as the
-    screening does (the same structure and ranks, what a timing needs), once per candidate: a latency plan's
-    checks share them (resnet18: CP-ALS of the chosen layers again at every check)."""
+    screening does (the same structure and ranks, what a timing needs; with the layer's screening spectra,
+    ``memos``), once per candidate: a latency plan's checks share them (resnet18: CP-ALS of the chosen layers
+    again at every check)."""
     chains = {}
     for name, k in at.items():
         c = curves[name][k]
         if c.method != "dense":
             if c.chain is None:
                 spec = RankSpec(ratio=c.ratio, multiple=config.rank_multiple)
-                with sharing(c.memo if c.memo is not None else {}, screening=True):
+                with sharing(memos.get(name, {}), screening=True):
                     c.chain = decomposer_for(c.method, layer_of[name])(layer_of[name], spec).module
             chains[name] = c.chain
     return chains
 
 
-def _time_choice(config, layer_of, curves, at, whole, timing) -> tuple[float, float]:
+def _time_choice(config, layer_of, curves, at, whole, timing, memos) -> tuple[float, float]:
     """(dense ms, planned ms): the whole model and the model with the choice ``at`` in place, interleaved."""
-    dense_ms, trial_ms = whole.latency([{}, _chains(config, layer_of, curves, at)], timing)
+    dense_ms, trial_ms = whole.latency([{}, _chains(config, layer_of, curves, at, memos)], timing)
     return dense_ms, trial_ms
 
 
-def _check_latency(config, layers, curves, budgets, at, whole, timing):
+def _check_latency(config, layers, curves, budgets, at, whole, timing, memos):
     """Measure the planned model against dense (whole models, interleaved) and rescale the latency budget by
     the miss, up or down, choosing again, until the speedup lands within ``CLOSE`` above the target. Layer
     times measured alone do not add up to the model's (overheads, caches, layout changes between layers,
@@ -375,7 +374,7 @@ def _check_latency(config, layers, curves, budgets, at, whole, timing):
     layer_of = dict(layers)
     checks, tried = [], []
     for _ in range(CHECKS):
-        dense_ms, trial_ms = _time_choice(config, layer_of, curves, at, whole, timing)
+        dense_ms, trial_ms = _time_choice(config, layer_of, curves, at, whole, timing, memos)
         speedup = dense_ms / trial_ms
         damage = sum(curves[n][k].damage for n, k in at.items())
         checks.append({"dense_ms": round(dense_ms, 4), "planned_ms": round(trial_ms, 4), "speedup": round(speedup, 4),
@@ -459,11 +458,11 @@ def _bound_error(model, layers, curves, at, capture, bound):
     return at, {n: curves[n][k] for n, k in at.items()}, checks[-1]["error"] <= bound, checks
 
 
-def _bound_score(config, layer_of, curves, at, whole, judge: ScoreBound):
+def _bound_score(config, layer_of, curves, at, whole, judge: ScoreBound, memos):
     """The user's metric on the whole model with the chosen candidates in place (the plan's screening factors,
     as ``--max-error`` measures them); step back towards dense while it is below ``judge.floor``."""
     def measure(at):
-        return whole.score(_chains(config, layer_of, curves, at), judge.score)
+        return whole.score(_chains(config, layer_of, curves, at, memos), judge.score)
 
     at, checks = _step_back(curves, at, measure, lambda v: v >= judge.floor, lambda v: {"score": round(v, 6)})
     return at, {n: curves[n][k] for n, k in at.items()}, checks[-1]["score"] >= judge.floor, checks
