@@ -78,6 +78,8 @@ def command(model, out, weights, input_shape, input_dtype, opset, dynamic_batch,
         io.write_json(fopts["save_plan"], report["plan_config"])
     if report.get("plan", {}).get("note"):
         err_console.print(f"note: {report['plan']['note']}", highlight=False, soft_wrap=True)
+    for warning in report.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if report_path:
         io.write_json(report_path, report)
     _print_summary(report)

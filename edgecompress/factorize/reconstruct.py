@@ -33,9 +33,11 @@ REFINE_STEPS = 20  # digits TT-4x: 10 steps 97.8%, 20 steps 98.9%, 30 steps 98.9
 # REFINE_MACS_FLOOR, at most REFINE_MACS. A chain dearer than that gets fewer samples (spread over all of them),
 # then fewer steps (at least MIN_REFINE_STEPS). resnet18 at 224, TT 4x, 64 samples: the first 10 samples and
 # 20 steps took 2-7 s a layer, 545 s a plan; held to 4 passes (3e10 MACs) 0.4-1.3 s a layer, 31 s a plan, at
-# the same held-out errors (within 0.03). CREPE full's TT conv2 at 4x costs 12.5 GMAC a sample (the dense conv
-# 1.1): held to 1 sample and 6 steps by the cap, the export takes 3 minutes at 74.25% RPA (1.5e11, 3 steps:
-# 2.5 minutes, 48.5%). digits' small layers get the floor: 98.1-98.3% in 5 s (all 64 samples: 98.6%, 20 s)
+# the same held-out errors (within 0.03). The price is CREPE full's, whose TT chains cost 3-12x their dense
+# convs (conv2: 12.5 GMAC a sample, the dense conv 1.1): conv2 gets 1 sample and 5 steps, conv3-6 the floor
+# (1-2 samples); tt 4x RPA 2.5% in a 57 s build (the flat 3e11 of before: 67.5%, 162 s; a floor of 3e11: 58.5%,
+# 77 s; data-free 4.5%; at 0.08x dense speed TT is no variant to ship there). digits' small layers get the
+# floor: 98.1-98.3% in 5 s (all 64 samples: 98.6%, 20 s)
 REFINE_PASSES = 4
 REFINE_MACS_FLOOR = 3e10
 REFINE_MACS = 3e11

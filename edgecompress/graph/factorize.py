@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from edgecompress import calibration, exporters, io, runtime
 from edgecompress.errors import ConfigError, ExportError
-from edgecompress.export import ExportConfig, plan_report
+from edgecompress.export import ExportConfig, loss_warning, plan_report
 from edgecompress.factorize import FactorizeConfig
 from edgecompress.factorize.api import FactorizeReport, factorize_
 from edgecompress.graph import shapes as graph_shapes
@@ -248,6 +248,7 @@ def export_factorized_onnx(path: str | Path, out: str | Path, config: FactorizeC
                  "seconds": round(time.perf_counter() - start, 3)},
         "graph": graph,
         "error_vs_dense": error,
+        "warnings": [w for w in [loss_warning(error)] if w] if config is not None else [],
         **({"calibration": calib.describe()} if calib is not None else {}),
         **({"latency": latency} if latency else {}),
         **(plan_report(report) if report is not None else {}),

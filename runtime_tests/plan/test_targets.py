@@ -79,7 +79,8 @@ def test_an_unreachable_target_says_the_best_it_reached(digits_setting):
 
 def test_max_error_steps_back_until_the_whole_models_error_holds(digits_setting):
     """params=8x alone measures 0.15 on the held-out digits; bounded at 0.08 the plan steps layers back towards
-    dense, measured after each step, and says that the target is missed and what it reached."""
+    dense, measured after each step, keeps the most compressing choice that held, and says that the target is
+    missed and what it reached."""
     model, calib, x, y = digits_setting
     free = FactorizeConfig(targets=(("params", 8.0),), min_params=4096, min_outputs=16)
     _, unbounded = factorize(model, free, [x[:1]], calib=calib)
@@ -87,8 +88,9 @@ def test_max_error_steps_back_until_the_whole_models_error_holds(digits_setting)
     module, report = factorize(model, bounded_config, [x[:1]], calib=calib)
     plan = report.plan
     checks = plan["max_error"]["checks"]
-    assert len(checks) >= 2 and checks[0]["error"] > 0.08 >= checks[-1]["error"] == plan["max_error"]["measured"]
-    assert [c["params"] for c in checks] == sorted(c["params"] for c in checks)  # each step adds parameters back
+    chosen = next(c for c in checks if c.get("chosen"))
+    assert len(checks) >= 2 and checks[0]["error"] > 0.08 >= chosen["error"] == plan["max_error"]["measured"]
+    assert chosen["params"] == min(c["params"] for c in checks if c["error"] <= 0.08) > checks[0]["params"]
     assert not plan["met"] and "within --max-error 0.08" in plan["note"]
     assert 2 < plan["reached"]["params"] < unbounded.plan["reached"]["params"]
     assert plan["reached"]["params"] == pytest.approx(count_params(model) / count_params(module), rel=0.02)
@@ -96,6 +98,21 @@ def test_max_error_steps_back_until_the_whole_models_error_holds(digits_setting)
     with torch.no_grad():  # the final fit (refit included) is at least as close as the screening factors
         dense, approx = model(held), module(held)
     assert float((approx - dense).norm() / dense.norm()) <= 0.08
+
+
+def test_a_bound_far_below_the_targets_error_still_holds(digits_setting):
+    """params=60x cuts every layer to its lowest rung (an output error near 1); bounded at 0.03 the plan goes
+    back by the measured miss, not one layer a step, and ends within the bound in at most ERROR_CHECKS
+    measurements."""
+    from edgecompress.plan.allocate import ERROR_CHECKS
+
+    model, calib, x, y = digits_setting
+    config = FactorizeConfig(targets=(("params", 60.0),), min_params=4096, min_outputs=16, max_error=0.03)
+    _, report = factorize(model, config, [x[:1]], calib=calib)
+    bounded = report.plan["max_error"]
+    assert bounded["checks"][0]["error"] > 0.3 and len(bounded["checks"]) <= ERROR_CHECKS
+    assert bounded["measured"] <= 0.03 and "within --max-error 0.03" in report.plan["note"]
+    assert report.plan["reached"]["params"] > 1.5
 
 
 def test_without_data_the_plan_uses_the_weight_error_and_says_so(digits_setting):
