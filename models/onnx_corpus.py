@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from edgecompress.models.orientation import OCR_CLS
+from edgecompress.models.speech import embedding_onnx
 from edgecompress.models.wheels import wheel_member
 
 
@@ -92,8 +93,7 @@ CORPUS = {
                            "1x3x224x224", {"BatchNormalization", "Identity"}),
     "paddle-ocr-cls": (lambda _: wheel_member(*OCR_CLS),
                        "1x3x48x192", {"BatchNormalization", "Constant"}),
-    "tf2onnx-speech-embedding": (lambda _: wheel_member("openwakeword", "0.4.0",
-                                                        "openwakeword/resources/models/embedding_model.onnx"),
+    "tf2onnx-speech-embedding": (lambda _: embedding_onnx(),
                                  "1x76x32x1", {"LeakyRelu"}),
     "torch-silero-vad": (lambda _: wheel_member("silero-vad", "5.1.2", "silero_vad/data/silero_vad_half.onnx"),
                          "input=1x512,state=2x1x128", {"Conv", "Slice"}),
