@@ -27,6 +27,7 @@ Factorized chains are balanced first (``edgecompress.equalize``); accuracy is me
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -518,12 +519,32 @@ def _run_ort(model: onnx.ModelProto, plan: Plan, config: QuantizeConfig, inputs:
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
-        quantize_static(str(src), str(dst), _Reader(inputs.calibration),
-                        quant_format=QuantFormat.QDQ if plan.format == "qdq" else QuantFormat.QOperator,
-                        per_channel=plan.per_channel, activation_type=types[plan.activation_type],
-                        weight_type=types[plan.weight_type], nodes_to_exclude=exclude or None,
-                        reduce_range=plan.reduce_range, calibrate_method=methods[config.calib_method], extra_options=_static_options(plan))
+        with _quiet_per_tensor_fallback():
+            quantize_static(str(src), str(dst), _Reader(inputs.calibration),
+                            quant_format=QuantFormat.QDQ if plan.format == "qdq" else QuantFormat.QOperator,
+                            per_channel=plan.per_channel, activation_type=types[plan.activation_type],
+                            weight_type=types[plan.weight_type], nodes_to_exclude=exclude or None,
+                            reduce_range=plan.reduce_range, calibrate_method=methods[config.calib_method],
+                            extra_options=_static_options(plan))
     return onnx.load(str(dst))
+
+
+class _PerTensorFallback(logging.Filter):
+    """onnxruntime's QDQ quantizer logs to the root logger where a weight has no channel axis (a 1-D scale, as
+    a tf2onnx BatchNormalization leaves): it quantizes that weight per tensor, which is all there is to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_per_tensor_fallback():
+    root, quiet = logging.getLogger(), _PerTensorFallback()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _static_options(plan: Plan) -> dict[str, Any]:
