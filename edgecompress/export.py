@@ -142,9 +142,12 @@ def error_vs_dense(model: nn.Module, dense: nn.Module, calib, samples) -> dict[s
 
 # a factorized model this far from dense on held-out calibration samples has lost accuracy: CREPE tiny at
 # tucker 2x measured 0.76 (RPA 99.5% -> 85.5%), paddle-ocr-cls at --target params=2x 0.51 (top-1 agreement
-# 78% on the 9 held out, 66% on 300 other text lines); the variants that kept their task measured 0.03-0.17
+# 78% on the 9 held out, 66% on 300 other text lines); the variants that kept their task measured 0.03-0.17.
+# A top-1 agreement under LOSS_AGREEMENT counts where the error is above AGREEMENT_ERROR too: CREPE full's
+# macs=4x plan missed one of 9 argmax bins of 360 (a neighbouring pitch) at 0.08, and kept its RPA
 LOSS_ERROR = 0.3
 LOSS_AGREEMENT = 0.9
+AGREEMENT_ERROR = 0.1
 
 
 def loss_warning(error: dict[str, Any]) -> str | None:
@@ -153,7 +156,8 @@ def loss_warning(error: dict[str, Any]) -> str | None:
     if error.get("inputs", "random inputs") == "random inputs":
         return None
     agreement = error.get("top1_agreement")
-    if error["rel_error"] <= LOSS_ERROR and (agreement is None or agreement >= LOSS_AGREEMENT):
+    disagrees = agreement is not None and agreement < LOSS_AGREEMENT and error["rel_error"] > AGREEMENT_ERROR
+    if error["rel_error"] <= LOSS_ERROR and not disagrees:
         return None
     agrees = f", top-1 agreement {100 * agreement:.1f}%" if agreement is not None else ""
     return (f"the factorized model's outputs are {error['rel_error']:.2f} away from the dense model's (relative "

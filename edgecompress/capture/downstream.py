@@ -1,9 +1,9 @@
-"""What a layer's output goes through before the next layer: whether it feeds a ReLU.
+"""What a layer's output goes through before the next layer: whether it feeds a ReLU (or a LeakyReLU).
 
 A layer whose output ``y`` goes on as ``relu(scale * y + shift)`` (per output channel: a plain ReLU has
 scale 1 and shift 0, an affine BatchNormalization between the two gives its own) needs its chain to match
 the rectified outputs, not the pre-activations: a negative pre-activation the ReLU drops can be missed by
-any amount. ``reconstruct.refit_last_`` fits that (Zhang, Zou, He, Sun, TPAMI 2016, "nonlinear" case).
+any amount. A LeakyReLU keeps ``slope`` of it (tf2onnx's speech embedding: 0.2), so it is fitted the same way. ``reconstruct.refit_last_`` fits that (Zhang, Zou, He, Sun, TPAMI 2016, "nonlinear" case).
 
 Found from the graph, never guessed: torch.fx traces a PyTorch model (a model it cannot trace gets none and
 says so in the log), and an ONNX file's nodes say it directly. One ``Downstream`` per layer name, for both.
@@ -26,26 +26,40 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Rectifier:
-    """``relu(scale * y + shift)`` follows the layer's output ``y``; ``scale``/``shift`` are ``[O]`` or None."""
+    """``relu(scale * y + shift)`` follows the layer's output ``y``; ``scale``/``shift`` are ``[O]`` or None;
+    ``slope`` is a LeakyReLU's on the negative side (0 for a ReLU)."""
 
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    slope: float = 0.0
 
     def describe(self) -> str:
-        return "ReLU" if self.scale is None else "BatchNorm + ReLU"
+        relu = f"LeakyReLU({self.slope:g})" if self.slope else "ReLU"
+        return relu if self.scale is None else f"BatchNorm + {relu}"
 
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_LEAKY_FUNCTIONS = (F.leaky_relu, F.leaky_relu_)
+_LEAKY_DEFAULT = 0.01  # torch's and ONNX's default negative slope
 
 
-def _is_relu(model: nn.Module, node) -> bool:
+def _relu_slope(model: nn.Module, node) -> float | None:
+    """0 for a ReLU, its negative slope for a LeakyReLU (below 1), else None."""
+    slope = None
     if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in ("relu", "relu_")
-    if node.op == "call_module":
-        return isinstance(model.get_submodule(node.target), nn.ReLU)
-    return False
+        if node.target in _RELU_FUNCTIONS:
+            return 0.0
+        if node.target in _LEAKY_FUNCTIONS:
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else _LEAKY_DEFAULT)
+    elif node.op == "call_method":
+        return 0.0 if node.target in ("relu", "relu_") else None
+    elif node.op == "call_module":
+        module = model.get_submodule(node.target)
+        if isinstance(module, nn.ReLU):
+            return 0.0
+        if isinstance(module, nn.LeakyReLU):
+            slope = module.negative_slope
+    return float(slope) if isinstance(slope, (int, float)) and 0 <= slope < 1 else None
 
 
 def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,16 +82,16 @@ class Downstream:
         return self.rectifier is not None
 
 
-def _walk(first_user, is_relu, batchnorm) -> Downstream:
-    """``Downstream`` from the chain of single users after a layer: [BatchNorm] ReLU. ``first_user`` is the
-    only user of the layer's output (or None), ``batchnorm(node)`` a BatchNorm's ``(scale, shift, next user)``
-    or None."""
-    node = first_user
+def _walk(first_user, relu_slope, batchnorm) -> Downstream:
+    """``Downstream`` from the chain of single users after a layer: [BatchNorm] ReLU or LeakyReLU.
+    ``first_user`` is the only user of the layer's output (or None), ``relu_slope(node)`` 0 for a ReLU, the
+    slope for a LeakyReLU, else None, ``batchnorm(node)`` a BatchNorm's ``(scale, shift, next user)`` or None."""
+    node, scale, shift = first_user, None, None
     norm = batchnorm(node) if node is not None else None
     if norm is not None:
         scale, shift, node = norm
-        return Downstream(Rectifier(scale, shift) if node is not None and is_relu(node) else None)
-    return Downstream(Rectifier() if node is not None and is_relu(node) else None)
+    slope = relu_slope(node) if node is not None else None
+    return Downstream(Rectifier(scale, shift, slope) if slope is not None else None)
 
 
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)  # at inference (a folded BatchNorm: Identity)
@@ -115,7 +129,7 @@ def torch_downstream(model: nn.Module, names: list[str]) -> dict[str, Downstream
     wanted, found = set(names), {}
     for node in traced.graph.nodes:
         if node.op == "call_module" and node.target in wanted:
-            down = _walk(_FxNode(traced, node).next(), lambda n: _is_relu(traced, n.node), batchnorm)
+            down = _walk(_FxNode(traced, node).next(), lambda n: _relu_slope(traced, n.node), batchnorm)
             if down:
                 found[node.target] = down
     return found
@@ -154,9 +168,17 @@ def onnx_downstream(model: onnx.ModelProto, outputs: dict[str, str]) -> dict[str
         scale = gamma / np.sqrt(var + eps)
         return torch.from_numpy(scale).float(), torch.from_numpy(beta - mean * scale).float(), n.next()
 
+    def relu_slope(n: _OnnxNode) -> float | None:
+        if n.node.op_type == "Relu":
+            return 0.0
+        if n.node.op_type == "LeakyRelu":
+            alpha = next((a.f for a in n.node.attribute if a.name == "alpha"), _LEAKY_DEFAULT)
+            return float(alpha) if 0 <= alpha < 1 else None
+        return None
+
     found = {}
     for name, tensor in outputs.items():
-        down = _walk(only_user(tensor), lambda n: n.node.op_type == "Relu", batchnorm)
+        down = _walk(only_user(tensor), relu_slope, batchnorm)
         if down:
             found[name] = down
     return found

@@ -204,6 +204,7 @@ class _Rectified:
         self.linear = (scale.abs() <= 1e-6 * float(scale.abs().max().clamp_min(1e-30))).reshape(groups, 1, -1)
         self.scale = scale.reshape(groups, 1, -1).masked_fill(self.linear, 1.0)
         self.shift = shift.reshape(groups, 1, -1).masked_fill(self.linear, 0.0)
+        self.slope = rect.slope
         self.fit_batches = list(zip(inputs.current, targets))
         values = sum(y.numel() for y in targets)
         self.share = min(1.0, RECTIFIED_VALUES / max(values, 1))  # of each fitting batch's pixels
@@ -240,11 +241,11 @@ class _Rectified:
             cross = 0.0
             for k, (x, y) in enumerate(self.fit_batches):
                 h, pre = self._batch(("fit", k), x, y, self.share)
-                target = pre.clamp_min(0)
+                target, a = activate(pre, self.slope), self.slope
                 u = (h @ theta) * self.scale + self.shift
-                z_neg = u.clamp_max(0)
+                z_neg = ((a * target + lam * u) / (a * a + lam)).clamp_max(0)  # u.clamp_max(0) for a ReLU
                 z_pos = ((lam * u + target) / (1 + lam)).clamp_min(0)
-                cost_neg = target.pow(2) + lam * (z_neg - u).pow(2)
+                cost_neg = (target - a * z_neg).pow(2) + lam * (z_neg - u).pow(2)
                 cost_pos = (target - z_pos).pow(2) + lam * (z_pos - u).pow(2)
                 z = torch.where(cost_neg < cost_pos, z_neg, z_pos)
                 z = torch.where(self.linear, pre, z)
@@ -260,8 +261,8 @@ class _Rectified:
         error = energy = 0.0
         for k, (x, y) in enumerate(self.held_batches):
             h, pre = self._batch(("held", k), x, y)
-            target = pre.clamp_min(0)
-            u = ((h @ theta) * self.scale + self.shift).clamp_min(0)
+            target = activate(pre, self.slope)
+            u = activate((h @ theta) * self.scale + self.shift, self.slope)
             error += float((u - target).pow(2).sum())
             energy += float(target.pow(2).sum())
         return math.sqrt(error / (energy or 1e-30))
@@ -350,15 +351,20 @@ def _fitting(chain: nn.Module, probe: torch.Tensor, values: int, samples: int, b
 
 
 def rectified(rectifier, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """``relu(scale * y + shift)`` per output channel of ``layer`` (``y`` as it returns it); ``y`` itself when
-    ``rectifier`` is None."""
+    """``relu(scale * y + shift)`` (or its LeakyReLU) per output channel of ``layer`` (``y`` as it returns it);
+    ``y`` itself when ``rectifier`` is None."""
     if rectifier is None:
         return y
     shape = [1] * y.dim()
     shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
     if rectifier.scale is not None:
         y = y * rectifier.scale.reshape(shape).to(y.dtype) + rectifier.shift.reshape(shape).to(y.dtype)
-    return y.clamp_min(0)
+    return activate(y, rectifier.slope)
+
+
+def activate(y: torch.Tensor, slope: float) -> torch.Tensor:
+    """A ReLU (``slope`` 0), or a LeakyReLU of that negative slope."""
+    return F.leaky_relu(y, slope) if slope else y.clamp_min(0)
 
 
 def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs,
