@@ -56,6 +56,21 @@ def test_export_warns_where_the_model_lost_its_outputs_on_the_data(cli, tmp_path
     assert json.loads((tmp_path / "kept.json").read_text())["warnings"] == []
 
 
+@pytest.mark.parametrize("error, warned", [
+    ({"rel_error": 0.51, "top1_agreement": 0.778}, True),  # ocr_cls at params=2x: 66% agreement on 300 lines
+    ({"rel_error": 0.195, "top1_agreement": 0.889}, True),  # ocr_cls svd 1.5x: 95% on 300 lines
+    ({"rel_error": 0.08, "top1_agreement": 0.889}, False),  # CREPE full macs=4x: one neighbouring bin, RPA 100%
+    ({"rel_error": 0.76}, True),  # CREPE tiny tucker 2x, sigmoid bins: RPA 99.5% -> 85.5%
+    ({"rel_error": 0.17, "top1_agreement": 1.0}, False),
+])
+def test_the_loss_warning_reads_error_and_agreement_on_data(error, warned):
+    from edgecompress.export import loss_warning
+
+    on_data = {**error, "samples": 9, "inputs": "held-out calibration samples"}
+    assert (loss_warning(on_data) is not None) == warned
+    assert loss_warning({**on_data, "inputs": "random inputs"}) is None
+
+
 def test_plan_with_calib_shows_the_output_errors(cli, digits_calib):
     result = cli("plan", "digits_cnn", "--method", "svd", "--ratio", "4", "--calib", digits_calib)
     assert result.exit_code == 0, result.output
