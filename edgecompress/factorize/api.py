@@ -26,7 +26,7 @@ from edgecompress.factorize.reconstruct import (
     refine_,
     refit_last_,
 )
-from edgecompress.factorize.registry import candidate_types, decomposer_for
+from edgecompress.factorize.registry import candidate_types, decomposer_for, whitens
 from edgecompress.stats import count_macs, count_params
 
 log = logging.getLogger(__name__)
@@ -233,13 +233,14 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
         return record
     start = time.perf_counter()
     inputs = capture.inputs(name).with_targets(layer) if capture is not None else None
-    stats = None
-    if inputs is not None and not config.data_free:
+    decompose, stats = decomposer_for(method, layer), None
+    data_aware = inputs is not None and not config.data_free
+    if data_aware and whitens(decompose):
         from edgecompress.capture.stats import layer_stats
 
         stats = layer_stats(layer, inputs, config.damping)
     try:
-        result = decomposer_for(method, layer)(layer, spec, stats=stats)
+        result = decompose(layer, spec, stats=stats)
     except SkipLayer as skip:
         record.reason = str(skip)
         return record
@@ -249,7 +250,7 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
         return record
     record.notes = list(result.notes) + (stats.notes if stats is not None else [])
     if inputs is not None:
-        record.fit, saved, errors = _fit_to_data(result.module, layer, inputs, stats is not None)
+        record.fit, saved, errors = _fit_to_data(result.module, layer, inputs, data_aware, stats is not None)
         if saved is not None and before is not None:
             before[name] = saved
         errors = errors or held_errors(result.module, layer, inputs)
@@ -273,16 +274,18 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
     return record
 
 
-def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs,
-                 data_aware: bool) -> tuple[str, dict | None, HeldErrors | None]:
-    """Refit ``chain`` to the data when ``data_aware``; say what was fitted, and return the chain's state from
-    before its refit (None when nothing was refitted: ``_keep_refits_`` decides on the whole model) and its
-    held-out errors where the refit measured them."""
+def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs, data_aware: bool,
+                 whitened: bool = True) -> tuple[str, dict | None, HeldErrors | None]:
+    """Refit ``chain`` to the data when ``data_aware``; say what was fitted (``whitened``: its factors were
+    fitted to the activation statistics, else to the weight), and return the chain's state from before its
+    refit (None when nothing was refitted: ``_keep_refits_`` decides on the whole model) and its held-out
+    errors where the refit measured them."""
     if not data_aware:
         return "weights", None, None
     if isinstance(layer, nn.Embedding):
-        return "data: rows weighted by how often they are looked up", None, None
-    fit, saved = "data: whitened factors", copy.deepcopy(chain.state_dict())
+        fit = "data: rows weighted by how often they are looked up" if whitened else "weights"
+        return fit, None, None
+    fit, saved = _FACTORS[whitened], copy.deepcopy(chain.state_dict())
     if can_refit(chain):
         refit = refit_last_(chain, layer, inputs)
         if not refit.changed:
@@ -296,6 +299,9 @@ def _fit_to_data(chain: FactorizedLayer, layer: nn.Module, inputs,
     if refined:
         return f"{fit}, all factors refined (L-BFGS)", saved, errors
     return fit, None, errors
+
+
+_FACTORS = {True: "data: whitened factors", False: "data: factors of the weight"}  # what a data-aware fit starts from
 
 
 def _keep_refits_(model: nn.Module, records: list[LayerRecord], capture, before: dict[str, dict]) -> None:
@@ -324,7 +330,8 @@ def _keep_refits_(model: nn.Module, records: list[LayerRecord], capture, before:
     for record in (r for r in records if r.name in before):
         record.model_output_error = round(with_refits if keep else without, 6)
         if not keep:
-            record.fit = (f"data: whitened factors (refits undone: the model's held-out output error was "
+            start = _FACTORS[not record.fit.startswith(_FACTORS[False])]
+            record.fit = (f"{start} (refits undone: the model's held-out output error was "
                           f"{with_refits:.3g} with them, {without:.3g} without)")
             record.notes.append("its output_error figures were measured with the refit")
 

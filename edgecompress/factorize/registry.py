@@ -28,14 +28,22 @@ Decomposer = Callable[[nn.Module, RankSpec], Decomposition]
 _METHODS: dict[str, dict[type, Decomposer]] = {}
 
 
-def register(method: str, *layer_types: type):
+def register(method: str, *layer_types: type, whitened: bool = True):
+    """``whitened=False``: the decomposer ignores the activation statistics (TT-SVD fits the weight, and its
+    chain is refined on data after), so none are gathered for it."""
     def decorate(fn: Decomposer) -> Decomposer:
         table = _METHODS.setdefault(method, {})
         for layer_type in layer_types:
             table[layer_type] = fn
+        fn.whitened = whitened
         return fn
 
     return decorate
+
+
+def whitens(decompose: Decomposer) -> bool:
+    """Whether ``decompose`` fits its factors to the activation statistics it is given."""
+    return getattr(decompose, "whitened", True)
 
 
 def methods() -> list[str]:

@@ -60,7 +60,7 @@ def _padded(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(w, grow)
 
 
-@register("tt", nn.Linear)
+@register("tt", nn.Linear, whitened=False)
 def tt_linear(layer: nn.Linear, spec: RankSpec, stats=None, d: int | None = None) -> Decomposition:
     """TT-matrix of a Linear weight: ``d`` MatMuls (see ``best_d`` for how ``d`` is chosen when not given)."""
     return best_d(layer, spec, d, lambda k: _tt_linear(layer, spec, k), "macs_per_row")
@@ -147,7 +147,7 @@ def _conv(layer: nn.Module, c_in: int, c_out: int, weight: torch.Tensor, **overr
     return conv
 
 
-@register("tt", nn.Conv1d, nn.Conv2d)
+@register("tt", nn.Conv1d, nn.Conv2d, whitened=False)
 def tt_conv(layer: nn.Module, spec: RankSpec, stats=None, d: int | None = None,
             spatial_first: bool | None = None) -> Decomposition:
     """TT-conv: kernel as ``[k, (c_1 s_1), ..., (c_d s_d)]`` (spatial core first) or with the spatial core
@@ -192,7 +192,7 @@ def _tt_conv(layer: nn.Module, spec: RankSpec, d: int, spatial_first: bool | Non
     return Decomposition(module, [*notes, *rank_notes, *_speed_note(macs, dense, "output position")], details)
 
 
-@register("tt-naive", nn.Conv1d, nn.Conv2d)
+@register("tt-naive", nn.Conv1d, nn.Conv2d, whitened=False)
 def tt_naive_conv(layer: nn.Module, spec: RankSpec, stats=None) -> Decomposition:
     """The naive TT of the 4-D kernel, modes ``(kh, kw, C, S)`` (seed 003 eq. (7))."""
     _check_conv(layer)
@@ -220,7 +220,7 @@ def tt_naive_conv(layer: nn.Module, spec: RankSpec, stats=None) -> Decomposition
     return Decomposition(module, notes, details)
 
 
-@register("tt", nn.Embedding)
+@register("tt", nn.Embedding, whitened=False)
 def tt_embedding(layer: nn.Embedding, spec: RankSpec, stats=None, d: int | None = None) -> Decomposition:
     """TT-embedding: vocabulary and dimension split into ``d`` modes each (vocabulary padding is free:
     padded rows are never looked up)."""

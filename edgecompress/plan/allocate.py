@@ -26,7 +26,7 @@ import torch.nn as nn
 from edgecompress.errors import ConfigError
 from edgecompress.factorize.base import SkipLayer, sharing
 from edgecompress.factorize.ranks import RankSpec
-from edgecompress.factorize.registry import decomposer_for
+from edgecompress.factorize.registry import decomposer_for, whitens
 from edgecompress.plan.targets import describe
 from edgecompress.plan.whole import WholeModel
 from edgecompress.stats import count_macs, count_params
@@ -103,7 +103,9 @@ def layer_candidates(name: str, layer: nn.Module, config, methods, capture=None,
     from edgecompress.factorize.api import relative_error
 
     inputs = capture.dense_inputs(name).with_targets(layer) if capture is not None else None
-    stats = layer_stats(layer, inputs, config.damping) if inputs is not None and not config.data_free else None
+    decomposers = [d for d in (decomposer_for(m, layer) for m in methods) if d is not None]
+    whiten = inputs is not None and not config.data_free and any(whitens(d) for d in decomposers)
+    stats = layer_stats(layer, inputs, config.damping) if whiten else None
     params = count_params(layer)
     count = _macs if macs else lambda module, sample: None
     out = [Candidate("dense", None, [], params, count(layer, sample), 0.0)]

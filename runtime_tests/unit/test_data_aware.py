@@ -45,6 +45,8 @@ def test_data_aware_keeps_the_digits_model_at_4x(results, method):
     assert accuracy >= (0.98 if method == "tt" else 0.985), accuracy
     assert report.calibration["fit_samples"] == 64 and report.calibration["held_out_samples"] == 9
     assert all(r.fit.startswith("data") for r in report.factorized)
+    start = "data: factors of the weight" if method == "tt" else "data: whitened factors"  # TT-SVD ignores the statistics
+    assert all(r.fit.startswith(start) for r in report.factorized), [r.fit for r in report.factorized]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -195,3 +197,18 @@ def test_a_layer_with_many_outputs_is_refit_through_its_relu_on_a_sample_of_its_
     for full, part in zip(whole.factorized, report.factorized):
         assert part.output_error_after_relu <= 1.1 * full.output_error_after_relu + 0.01
     assert _accuracy(sampled, x, y) >= 0.985
+
+
+def test_no_activation_statistics_are_gathered_for_a_method_that_ignores_them(setting, monkeypatch):
+    """TT-SVD fits the weight (its chain is refined on data after): the covariances are not computed for it,
+    and are for the methods that whiten."""
+    import edgecompress.capture.stats as stats
+
+    model, calib, _, _ = setting
+    seen = []
+    real = stats.layer_stats
+    monkeypatch.setattr(stats, "layer_stats", lambda layer, *a, **k: seen.append(layer) or real(layer, *a, **k))
+    factorize(model, FactorizeConfig(method="tt", ratio=4, min_params=4096), calib=calib)
+    assert seen == []
+    factorize(model, FactorizeConfig(method="svd", ratio=4, min_params=4096), calib=calib)
+    assert len(seen) == 2
