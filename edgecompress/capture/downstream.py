@@ -3,7 +3,8 @@
 A layer whose output ``y`` goes on as ``relu(scale * y + shift)`` (per output channel: a plain ReLU has
 scale 1 and shift 0, an affine BatchNormalization between the two gives its own) needs its chain to match
 the rectified outputs, not the pre-activations: a negative pre-activation the ReLU drops can be missed by
-any amount. A LeakyReLU keeps ``slope`` of it (tf2onnx's speech embedding: 0.2), so it is fitted the same way. ``reconstruct.refit_last_`` fits that (Zhang, Zou, He, Sun, TPAMI 2016, "nonlinear" case).
+any amount. A LeakyReLU keeps ``slope`` of it (tf2onnx's speech embedding: 0.2) and is fitted the same way.
+``reconstruct.refit_last_`` fits that (Zhang, Zou, He, Sun, TPAMI 2016, "nonlinear" case).
 
 Found from the graph, never guessed: torch.fx traces a PyTorch model (a model it cannot trace gets none and
 says so in the log), and an ONNX file's nodes say it directly. One ``Downstream`` per layer name, for both.

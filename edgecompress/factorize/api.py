@@ -330,7 +330,7 @@ def _keep_refits_(model: nn.Module, records: list[LayerRecord], capture, before:
     for record in (r for r in records if r.name in before):
         record.model_output_error = round(with_refits if keep else without, 6)
         if not keep:
-            start = _FACTORS[not record.fit.startswith(_FACTORS[False])]
+            start = record.fit.split(",")[0]  # what the refit started from (``_FACTORS``)
             record.fit = (f"{start} (refits undone: the model's held-out output error was "
                           f"{with_refits:.3g} with them, {without:.3g} without)")
             record.notes.append("its output_error figures were measured with the refit")
