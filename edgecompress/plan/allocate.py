@@ -443,11 +443,12 @@ def _step_back(curves, at, measure, holds, record, aim):
     ``chosen``) and that check."""
     path = _path_back(curves, at)
     damage = [sum(curves[n][k].damage for n, k in p.items()) for p in path]
-    checks, failed, held, index = [], None, None, 0
+    checks, measured, failed, held, index = [], [], None, None, 0  # measured: each check's index on the path
     while len(checks) < ERROR_CHECKS:
         value = measure(path[index])
         checks.append({**record(value), "params": sum(curves[n][k].params for n, k in path[index].items()),
-                       "damage": round(damage[index], 6), "index": index})
+                       "damage": round(damage[index], 6)})
+        measured.append(index)
         if holds(value):
             held = index
         else:
@@ -462,10 +463,8 @@ def _step_back(curves, at, measure, holds, record, aim):
             goal = damage[index] * aim(value)
             index = next((j for j in range(index + 1, len(path)) if damage[j] <= goal), len(path) - 1)
     chosen = held if held is not None else index
-    check = next(c for c in reversed(checks) if c["index"] == chosen)
+    check = checks[len(measured) - 1 - measured[::-1].index(chosen)]
     check["chosen"] = True
-    for c in checks:
-        del c["index"]
     return path[chosen], checks, check
 
 
