@@ -61,7 +61,7 @@ def _finite(x: float) -> float | None:
 
 def run(model: onnx.ModelProto, samples: Sequence[Sample]) -> list[list[np.ndarray]]:
     session = runtime.make_session(model, "cpu")
-    return [session.run(None, dict(s)) for s in samples]
+    return [runtime.run(session, s) for s in samples]
 
 
 def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

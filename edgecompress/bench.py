@@ -138,22 +138,28 @@ def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def _set_batch(proto: onnx.ModelProto, batch: int | None, path: str) -> int:
-    """Fix a dynamic batch dimension to ``batch`` (1 by default); refuse a different static batch."""
-    for value in _graph_inputs(proto):
-        dims = value.type.tensor_type.shape.dim
-        if not dims:
-            continue
-        first = dims[0]
-        if first.HasField("dim_value") and first.dim_value > 0:
-            if batch is not None and batch != first.dim_value:
-                raise ConfigError(f"{path!r} has a fixed batch of {first.dim_value} (input {value.name!r}), so "
-                                  f"--batch {batch} cannot be run: re-export it with --dynamic-batch")
-            batch = first.dim_value
-        else:
-            first.Clear()
-            first.dim_value = batch or 1
-            batch = batch or 1
-    return batch or 1
+    """Fix the batch to ``batch`` (1 by default) and return it: the first input's first dim, and the dims of
+    the other inputs named like it (silero-vad's ``state`` is ``2 x batch x 128``; an unnamed dynamic first
+    dim counts as the batch). A fixed first dim of the first input is the batch; a different ``batch`` is
+    refused."""
+    inputs = [v for v in _graph_inputs(proto) if v.type.tensor_type.shape.dim]
+    if not inputs:
+        return batch or 1
+    lead = inputs[0].type.tensor_type.shape.dim[0]
+    if lead.HasField("dim_value") and lead.dim_value > 0:
+        if batch is not None and batch != lead.dim_value:
+            raise ConfigError(f"{path!r} has a fixed batch of {lead.dim_value} (input {inputs[0].name!r}), so "
+                              f"--batch {batch} cannot be run: re-export it with --dynamic-batch")
+        return lead.dim_value
+    name, batch = lead.dim_param, batch or 1
+    for value in inputs:
+        for k, dim in enumerate(value.type.tensor_type.shape.dim):
+            named = bool(name) and dim.dim_param == name
+            unnamed = not name and k == 0 and not dim.dim_param and not dim.dim_value
+            if named or unnamed:
+                dim.Clear()
+                dim.dim_value = batch
+    return batch
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -206,9 +212,9 @@ def _create_sessions(loaded, keys, results, config, progress) -> dict:
                                        spinning=config.spinning)
         created = time.perf_counter()
         try:
-            session.run(None, model.feeds)
-        except Exception as exc:  # onnxruntime's own error types
-            raise LoadError(f"{model.path!r} fails to run: {str(exc).splitlines()[0]}") from None
+            runtime.run(session, model.feeds)
+        except ConfigError as exc:
+            raise ConfigError(f"{model.path!r}: {exc}") from None
         results[key]["session_create_ms"] = round(1000 * (created - start), 3)
         results[key]["first_run_ms"] = round(1000 * (time.perf_counter() - created), 3)
         sessions[key] = session

@@ -157,6 +157,7 @@ def _drop_zero_points(model: onnx.ModelProto, weight_ops: tuple[str, ...]) -> No
 def _short_names(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
     graph = fp32.graph
     keep = {i.name for i in graph.initializer} | {v.name for v in (*graph.input, *graph.output)}
+    keep |= exporters.subgraph_reads(quantized.graph)  # an If branch reads outer tensors by name
     renamed: dict[str, str] = {}
 
     def short(name: str) -> str:

@@ -40,7 +40,7 @@ from typing import Any
 
 import onnx
 
-from edgecompress import accuracy, calibration, equalize, io, qgraph, runtime
+from edgecompress import accuracy, calibration, equalize, exporters, io, qgraph, runtime
 from edgecompress.errors import ConfigError, ExportError, LoadError
 
 log = logging.getLogger(__name__)
@@ -526,7 +526,19 @@ def _run_ort(model: onnx.ModelProto, plan: Plan, config: QuantizeConfig, inputs:
                             weight_type=types[plan.weight_type], nodes_to_exclude=exclude or None,
                             reduce_range=plan.reduce_range, calibrate_method=methods[config.calib_method],
                             extra_options=_static_options(plan))
-    return onnx.load(str(dst))
+    return _sorted(onnx.load(str(dst)))
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's quantizer sorts nodes by their inputs only, so an If can land before the node whose output
+    its branch reads (silero-vad's decoder); onnx-ir's sort counts what subgraphs read."""
+    if not exporters.subgraph_reads(model.graph):
+        return model
+    import onnx_ir as ir
+
+    tree = ir.from_proto(model)
+    tree.graph.sort()
+    return ir.to_proto(tree)
 
 
 class _PerTensorFallback(logging.Filter):

@@ -133,10 +133,18 @@ def make_session_with(model: onnx.ModelProto | str | os.PathLike, options, provi
 
 
 def run(session, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run ``session`` on inputs given by name or in order."""
+    """Run ``session`` on inputs given by name or in order; a one-line ConfigError where the model cannot run
+    on them (a dynamic dim that random samples filled with 1, as silero-vad's reflect Pad refuses)."""
     if not isinstance(inputs, Mapping):
         inputs = {i.name: np.asarray(x) for i, x in zip(session.get_inputs(), inputs)}
-    return session.run(None, dict(inputs))
+    quiet = ort_module().RunOptions()
+    quiet.log_severity_level = 4  # the failure comes back as the one-line error below, not also as a log line
+    try:
+        return session.run(None, dict(inputs), quiet)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        shapes = ", ".join(f"{k}={'x'.join(map(str, np.shape(v))) or 'scalar'}" for k, v in inputs.items())
+        raise ConfigError(f"the model does not run on inputs of shape {shapes}: {str(exc).splitlines()[0]}; "
+                          "give the shape it takes with --input-shape") from None
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:

@@ -54,9 +54,22 @@ def check_model(model: onnx.ModelProto) -> None:
         raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every name the subgraphs of ``graph``'s nodes (If branches, Loop and Scan bodies) read, at any depth:
+    they see the outer graph's tensors by name, so a rewrite of the outer graph must keep those names."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in (attribute.g,) if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                names |= {t for n in sub.node for t in n.input} | subgraph_reads(sub)
+    return names
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Remove, in place, the initializers no node reads and no graph output names (after a rewrite)."""
+    """Remove, in place, the initializers no node reads (subgraphs included) and no graph output names
+    (after a rewrite)."""
     used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+    used |= subgraph_reads(model.graph)
     kept = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

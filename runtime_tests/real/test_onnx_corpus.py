@@ -161,3 +161,28 @@ def test_run_takes_a_real_file_with_dynamic_dims(cli, corpus, tmp_path):
     assert set(variants) == {"dense", "dense-int8", "tucker-x2", "tucker-x2-int8"}
     assert all(v["status"] == "ok" for v in variants.values()), [v.get("error") for v in variants.values()]
     assert variants["tucker-x2"]["size_bytes"] < variants["dense"]["size_bytes"]
+
+
+def test_silero_vad_quantizes_and_benches(cli, corpus, tmp_path):
+    """silero-vad: its decoder's If branch reads an outer Relu output by name, its ``state`` input batches on
+    axis 1, and its reflect Pad needs more than one sample. int8 loads and runs in both modes (it did not
+    load before), bench finds the batch, and an input shape it cannot run on gets one line."""
+    path, shape = corpus("torch-silero-vad")
+    for mode in ("dynamic", "static"):
+        out, report_path = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
+        result = cli("quantize", path, "--int8", "--mode", mode, "--random-calib", "--input-shape", shape, "-o", out,
+                     "--report", report_path)
+        assert result.exit_code == 0, result.output
+        report = json.loads(report_path.read_text())
+        assert report["sqnr_db"] is None or report["sqnr_db"] >= 12
+        assert report["bytes_after"] < report["bytes_before"] or mode == "dynamic"
+    bench_json = tmp_path / "b.json"
+    result = cli("bench", path, tmp_path / "static.onnx", "--input-shape", shape, "--runs", "3", "--warmup", "1",
+                 "--no-memory", "--json", bench_json)
+    assert result.exit_code == 0, result.output
+    assert [r["batch"] for r in json.loads(bench_json.read_text())["results"]] == [1, 1]
+    for command in (("bench", path), ("quantize", path, "--int8", "-o", tmp_path / "q.onnx")):
+        result = cli(*command)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code != 0 and "--input-shape" in lines[-1] and "does not run on inputs of shape" in lines[-1], lines
+    assert not (tmp_path / "q.onnx").exists()

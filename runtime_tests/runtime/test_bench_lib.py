@@ -95,6 +95,21 @@ def test_batch_rewrites_dynamic_and_refuses_static(models):
         bench([models["dense"]], BenchConfig(batch=4, runs=3))
 
 
+def test_batch_follows_the_first_inputs_batch_dim_into_the_other_inputs(tmp_path):
+    """A recurrent state as ``2 x batch x 4`` (silero-vad's): its axis 1 is the batch, its fixed 2 is not."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["state", "axes"], ["summed"], keepdims=0), helper.make_node("Add", ["x", "summed"], ["y"])],
+        "stateful", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                     helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [onnx.numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "stateful.onnx"))
+    report = bench([tmp_path / "stateful.onnx"], BenchConfig(batch=3, runs=2, warmup=0, memory=False))
+    assert report["results"][0]["batch"] == 3
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"runs": 5, "seconds": 1.0}, "not both"), ({"threads": (0,)}, "threads"), ({"runs": 0}, "runs"),
     ({"batch": 0}, "batch"), ({"warmup": -1}, "warmup")])

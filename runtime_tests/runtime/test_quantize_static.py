@@ -192,3 +192,42 @@ def test_float_islands_are_left_float_with_their_conv_where_that_measures_faster
     assert kept == ("float" if islands == "float" or kinds[0]["float_ms"] < 0.97 * kinds[0]["int8_ms"] else "int8")
     assert (len(float_convs) == 2) == (kept == "float")
     assert report["sqnr_db"] >= 25.0
+
+
+def _branching_net(path):
+    """Conv -> Relu -> If -> Conv, the If's branches reading the Relu's output by name from the outer graph
+    (as silero-vad's decoder reads its encoder's last Relu)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 1, 1)))]
+    branch = {name: helper.make_graph([helper.make_node(op, ["r"], [f"{name}_out"], **attrs)], name, [],
+                                      [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+              for name, op, attrs in (("then", "Identity", {}), ("else", "LeakyRelu", {"alpha": 0.5}))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("ReduceProd", ["shape"], ["size"], keepdims=0),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.int64))),
+             helper.make_node("Greater", ["size", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["b"], then_branch=branch["then"], else_branch=branch["else"], name="if"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "branching", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_a_subgraph_that_reads_an_outer_tensor_keeps_its_name_through_quantize(tmp_path, mode):
+    """compact's short names and dropped initializers leave alone what an If branch reads: silero-vad's int8
+    file did not load before (its decoder's If read a Relu output that had been renamed)."""
+    path = _branching_net(tmp_path / "branching.onnx")
+    report = quantize(path, tmp_path / "q.onnx", QuantizeConfig(mode=mode, random_calib=mode == "static",
+                                                                check_speed=False, dynamic_conv=mode == "dynamic"))
+    q_model = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(q_model, full_check=True)
+    branch_reads = {i for n in q_model.graph.node if n.op_type == "If" for a in n.attribute for m in a.g.node for i in m.input}
+    assert branch_reads == {"r"} and "r" in {o for n in q_model.graph.node for o in n.output}
+    assert report["sqnr_db"] is None or report["sqnr_db"] > 20
