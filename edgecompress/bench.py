@@ -23,7 +23,7 @@ import onnx
 
 from edgecompress import io, runtime
 from edgecompress import profile as prof
-from edgecompress.errors import ConfigError, LoadError
+from edgecompress.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
