@@ -53,7 +53,7 @@ def svd_embedding(layer: nn.Embedding, spec: RankSpec, stats: LayerStats | None 
         table = layer.weight.detach().double()
         p = stats.tokens / stats.tokens.sum().clamp_min(1) + stats.damping / len(stats.tokens)
         gram = (table.T * p) @ table
-        left, right, notes = truncated_svd(table.T, spec, gram)  # E^T ~ left @ right
+        left, right, notes = truncated_svd(table.T, spec, {"output_gram": gram[None]})  # E^T ~ left @ right
         a, b = right.T, left.T
     else:
         a, b, notes = truncated_svd(layer.weight, spec)

@@ -37,23 +37,34 @@ def _work_dtype(mats: torch.Tensor) -> torch.dtype:
     return torch.float32 if g * m * n * min(m, n) > _FLOAT64_GRAM_LIMIT else torch.float64
 
 
-def gram_spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def gram_spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None = None,
+                  output_root: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Batched ``mats [g, m, n]``: (singular values [g, k] descending, basis [g, ?, k], left?) where the
     basis holds left (m <= n) or right singular vectors, from the Gram matrix of the smaller side.
     With ``output_gram [g, m, m]`` (``W C W^T``, the output covariance on data) the basis is its top
     eigenvectors and the values are output energies: ``W ~ U_r U_r^T W`` is then the best rank-r
-    approximation in the data norm ``||(W - W_r) L||`` with ``L L^T = C`` (no inverse of ``C`` needed)."""
+    approximation in the data norm ``||(W - W_r) L||`` with ``L L^T = C`` (no inverse of ``C`` needed).
+    ``output_root [g, n, n]`` gives that covariance as ``(W R)(W R)^T`` for a wide output (``m > n``): the same
+    basis, from the left singular vectors of ``W R``, by an ``[n, n]`` eigh instead of an ``[m, m]`` one."""
     memo = MEMO.get()
     if memo is not None:  # a plan's ladder, its checks and the final fit: every rank of this layer shares it
-        key = ("spectrum", fingerprint(mats), None if output_gram is None else fingerprint(output_gram))
+        key = ("spectrum", fingerprint(mats), *(None if t is None else fingerprint(t) for t in (output_gram, output_root)))
         if key not in memo:
-            memo[key] = _spectrum(mats, output_gram)
+            memo[key] = _spectrum(mats, output_gram, output_root)
         return memo[key]
-    return _spectrum(mats, output_gram)
+    return _spectrum(mats, output_gram, output_root)
 
 
-def _spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _spectrum(mats: torch.Tensor, output_gram: torch.Tensor | None,
+              output_root: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     g, m, n = mats.shape
+    if output_root is not None:  # left singular vectors of W R, from its smaller Gram matrix
+        x = mats.double() @ output_root.double()
+        values, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)
+        values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+        root = values.sqrt()
+        left = x @ vectors / torch.where(root > 0, root, 1)[:, None, :]
+        return root, left, True
     left = m <= n or output_gram is not None
     x = mats.to(_work_dtype(mats))
     gram = output_gram if output_gram is not None else x @ x.transpose(1, 2) if left else x.transpose(1, 2) @ x
@@ -81,12 +92,12 @@ def group_rank(spec: RankSpec, singular_values: torch.Tensor, max_rank: int, par
     return max(r for r, _ in results), results[0][1]
 
 
-def factor_matrices(mats: torch.Tensor, spec: RankSpec, what: str,
-                    output_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def factor_matrices(mats: torch.Tensor, spec: RankSpec, what: str, output_gram: torch.Tensor | None = None,
+                    output_root: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Truncated SVD of each ``[m, n]`` matrix of ``mats [g, m, n]`` at one rank from ``spec`` (in the data
-    norm with ``output_gram``, see ``gram_spectrum``)."""
+    norm with ``output_gram`` or ``output_root``, see ``gram_spectrum``)."""
     g, m, n = mats.shape
-    s, basis, left = gram_spectrum(mats, output_gram)
+    s, basis, left = gram_spectrum(mats, output_gram, output_root)
     rank, notes = group_rank(spec, s, min(m, n), lambda r: g * r * (m + n), g * m * n)
     if rank < 1:
         raise SkipLayer(f"no rank saves parameters at {spec.describe()} ({what})")
@@ -95,26 +106,28 @@ def factor_matrices(mats: torch.Tensor, spec: RankSpec, what: str,
 
 
 def truncated_svd(matrix: torch.Tensor, spec: RankSpec,
-                  output_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``matrix [m, n] ~ A [m, r] @ B [r, n]`` with the rank from ``spec``; returns (A, B, notes)."""
+                  data: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``matrix [m, n] ~ A [m, r] @ B [r, n]`` with the rank from ``spec``; returns (A, B, notes). ``data`` is
+    ``data_norm``'s."""
     m, n = matrix.shape
-    gram = None if output_gram is None else output_gram[None]
-    a, b, notes = factor_matrices(matrix.detach()[None], spec, f"{m}x{n} matrix", gram)
+    a, b, notes = factor_matrices(matrix.detach()[None], spec, f"{m}x{n} matrix", **(data or {}))
     return a[0].float(), b[0].float(), notes
 
 
-def data_gram(stats: LayerStats | None, mats: torch.Tensor) -> torch.Tensor | None:
-    """The damped output covariance per group for ``mats [g, o, n]``, or None (weight-only)."""
+def data_norm(stats: LayerStats | None, mats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The damped output covariance per group for ``mats [g, o, n]`` as ``factor_matrices`` takes it
+    (``output_gram``, or ``output_root`` for a widening layer); empty without data (weight-only)."""
+    if stats is not None and stats.dense_channel is not None:
+        return {"output_root": stats.output_root()}
     if stats is None or stats.output is None:
-        return None
-    return stats.output_damped(mats, mats.shape[0])
+        return {}
+    return {"output_gram": stats.output_damped(mats, mats.shape[0])}
 
 
 @register("svd", nn.Linear)
 @one_thread()
 def svd_linear(layer: nn.Linear, spec: RankSpec, stats: LayerStats | None = None) -> Decomposition:
-    gram = data_gram(stats, layer.weight.detach()[None])
-    a, b, notes = truncated_svd(layer.weight, spec, None if gram is None else gram[0])
+    a, b, notes = truncated_svd(layer.weight, spec, data_norm(stats, layer.weight.detach()[None]))
     rank = a.shape[1]
     first = nn.Linear(layer.in_features, rank, bias=False)
     second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
@@ -169,7 +182,7 @@ def _output_side(layer: nn.Module, geo, w: torch.Tensor, spec: RankSpec, stats: 
     """Conv k (I -> r per group) then conv 1x1 (r -> O, bias): ``W [O, I*k]`` in the output data norm."""
     g, o = w.shape[:2]
     mats = w.reshape(g, o, -1)
-    a, b, notes = factor_matrices(mats, spec, f"{o}x{w[0, 0].numel()} per group", data_gram(stats, mats))
+    a, b, notes = factor_matrices(mats, spec, f"{o}x{w[0, 0].numel()} per group", **data_norm(stats, mats))
     rank = a.shape[2]
     first = spatial_step(geo, geo.in_channels, g * rank, tuple(range(geo.dims)), g)
     second = pointwise_step(geo, g * rank, geo.out_channels, g, bias=layer.bias is not None)

@@ -259,3 +259,43 @@ def test_a_conv_with_asymmetric_padding_is_factorized_and_its_pad_fused_back(tmp
         expected = factorized(torch.from_numpy(x)).numpy()
     got = runtime.make_session(model).run(None, {"x": x})[0]
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_dense_inputs_caught_in_chunks_give_the_same_file(tmp_path, monkeypatch):
+    """Where the layers' dense inputs pass the memory cap they are caught a chunk of layers a pass, each pass
+    running only the nodes it needs; the data-aware file is the same bytes as with all caught at once."""
+    from edgecompress.capture import onnx_capture
+
+    dense = tmp_path / "dense.onnx"
+    export("cifar_conv", dense)
+    samples = np.random.default_rng(0).standard_normal((24, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=samples)
+    config = FactorizeConfig(method="svd", ratio=2)
+    export_factorized_onnx(dense, tmp_path / "whole.onnx", config, calib_path=tmp_path / "calib.npz")
+    passes = []
+    catch = onnx_capture.OnnxCapture._catch_from
+    monkeypatch.setattr(onnx_capture.OnnxCapture, "_catch_from", lambda self, name: passes.append(name) or catch(self, name))
+    monkeypatch.setattr(onnx_capture, "MEMORY_CAP", 1)  # one layer a pass
+    report = export_factorized_onnx(dense, tmp_path / "chunks.onnx", config, calib_path=tmp_path / "calib.npz")
+    assert len(passes) == report["totals"]["factorized_layers"] + report["totals"]["dense_layers"] > 3
+    assert (tmp_path / "chunks.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+
+
+def test_pruned_keeps_only_what_the_tensors_need_and_what_a_branch_reads():
+    from edgecompress.capture.onnx_capture import pruned
+
+    then = helper.make_graph([helper.make_node("Identity", ["b"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["b"]),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("If", ["c"], ["i"], then_branch=then, else_branch=then),
+             helper.make_node("Add", ["a", "i"], ["y"]), helper.make_node("Sigmoid", ["y"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    cut = pruned(model, ["a"])
+    assert [n.op_type for n in cut.graph.node] == ["Relu"] and [o.name for o in cut.graph.output] == ["a"]
+    cut = pruned(model, ["y"])
+    assert [n.op_type for n in cut.graph.node] == ["Relu", "Neg", "Constant", "If", "Add"]
+    x = np.array([-1.0, 2.0], np.float32)
+    assert np.allclose(runtime.make_session(cut).run(None, {"x": x})[0], np.maximum(x, 0) - x)

@@ -131,7 +131,7 @@ def test_the_chosen_fit_reuses_the_plans_spectra_and_equals_a_fit_from_the_saved
     model, _, x, _ = digits_setting
     computed = []
     real = svd._spectrum
-    monkeypatch.setattr(svd, "_spectrum", lambda mats, gram: computed.append(fingerprint(mats)) or real(mats, gram))
+    monkeypatch.setattr(svd, "_spectrum", lambda mats, *data: computed.append(fingerprint(mats)) or real(mats, *data))
     config = FactorizeConfig(targets=(("params", 3.0),), methods=("svd",), min_params=4096)
     planned, report = factorize(model, config, [x[:1]])
     assert report.plan["met"] and {r.method for r in report.factorized} == {"svd"}

@@ -212,3 +212,28 @@ def test_no_activation_statistics_are_gathered_for_a_method_that_ignores_them(se
     assert seen == []
     factorize(model, FactorizeConfig(method="svd", ratio=4, min_params=4096), calib=calib)
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(24, 96), nn.Conv2d(24, 96, 1)], ids=["linear", "pointwise"])
+def test_a_widening_layer_takes_its_output_basis_from_its_input_covariance(layer):
+    """``E[y y^T] = W E[x x^T] W^T``: for a layer with more outputs than inputs the basis comes from an
+    ``[in, in]`` problem (PP-OCRv4's 6625-way head: 133 s of ``eigh`` before) and the chain is the one the
+    ``[out, out]`` output covariance gives."""
+    from edgecompress.capture.stats import LayerInputs, layer_stats
+    from edgecompress.factorize.ranks import RankSpec
+    from edgecompress.factorize.registry import decomposer_for
+
+    torch.manual_seed(0)
+    mixing = torch.randn(24, 24) * torch.logspace(0, -2, 24)  # correlated inputs
+    x = [(torch.randn(32, 24) @ mixing).reshape(32, 24, *([1, 1] if isinstance(layer, nn.Conv2d) else []))
+         for _ in range(3)]
+    stats = layer_stats(layer, LayerInputs(x, x, x[:1], x[:1]).with_targets(layer))
+    assert stats.dense_channel is not None and stats.output is None
+    full = copy.copy(stats)
+    weight = layer.weight.detach().reshape(96, 24).double()
+    full.output, full.dense_channel = weight @ stats.dense_channel @ weight.T, None
+    fit = decomposer_for("svd", layer)
+    chains = [fit(layer, RankSpec(rank=6, multiple=1), s).module.dense_weight().reshape(96, 24) for s in (stats, full)]
+    assert torch.allclose(chains[0], chains[1], atol=1e-5)
+    plain = fit(layer, RankSpec(rank=6, multiple=1)).module.dense_weight().reshape(96, 24)
+    assert not torch.allclose(chains[0], plain, atol=1e-3)  # the data changed the fit
