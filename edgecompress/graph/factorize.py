@@ -53,6 +53,7 @@ class Prepared:
     shapes: dict[str, tuple[int, ...]]
     input_shapes: dict[str, tuple[int, ...]]
     normalized: str
+    file_params: int = 0  # the parameters of the file as read (what the export summary's "before" counts)
 
     def describe(self) -> dict[str, Any]:
         return {"normalized": self.normalized, "dynamic": graph_shapes.is_dynamic(self.model),
@@ -77,7 +78,7 @@ def prepare(model: onnx.ModelProto, input_shapes: str | dict | None = None, cali
             input_shapes.setdefault(name, (1, *array.shape[1:]))
     fixed = graph_shapes.fixed(normalized, input_shapes)
     done = {v.name: tuple(int(d) for d in graph_shapes.dims(v)) for v in graph_shapes.graph_inputs(fixed)}
-    return Prepared(normalized, fixed, graph_shapes.infer(fixed), done, note)
+    return Prepared(normalized, fixed, graph_shapes.infer(fixed), done, note, exporters.param_count(model))
 
 
 def factorize_onnx(model: onnx.ModelProto | Prepared, config: FactorizeConfig, opset: int | None = None,
@@ -115,7 +116,11 @@ def factorize_onnx(model: onnx.ModelProto | Prepared, config: FactorizeConfig, o
         from edgecompress.plan.whole import onnx_whole
 
         whole = onnx_whole(base, put, calibration.random_samples(prepared.fixed, 1, 0)[0])
-    root.file_params = exporters.param_count(base)  # a plan's whole-model parameter count
+    # a plan's whole-model parameter count is the file's as read, and what the written file folds away
+    # (BatchNormalization into its conv) whatever the plan is off it: its "params=2x" is the export summary's
+    root.file_params = prepared.file_params or exporters.param_count(base)
+    if "params" in dict(config.targets):
+        root.params_folded = root.file_params - exporters.param_count(normalize(base)[0])
     root.layer_input_shapes = {name: known_shape(prepared.shapes, site) for name, site in sites.items()
                                if site.input in prepared.shapes}  # a plan's MACs without data
     macs = {name: _macs(root.get_submodule(name), site, prepared.shapes) for name, site in sites.items()}

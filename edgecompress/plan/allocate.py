@@ -245,6 +245,7 @@ def allocate(model: nn.Module, config, layers: list[tuple[str, nn.Module]], capt
     if timing is not None:
         totals["latency"] = whole.latency([{}], timing)[0]
     curves, fixed, used, kept = {}, dict(totals), set(methods), 0
+    fixed["params"] -= getattr(model, "params_folded", 0)  # what an ONNX file's export folds away (see graph.factorize)
     for index, (name, layer) in enumerate(layers):
         if progress:
             progress(name, index, len(layers))
