@@ -4,7 +4,7 @@ ops) and a 120 -> 6625 CTC head over Chinese and ASCII characters. Its character
 ``character`` metadata. The task: read a rendered line of random letters and digits; the metric is the
 character accuracy, ``1 - edit distance / length``, of the CTC-decoded output (greedy: the best class per
 step, repeats merged, blanks dropped). Lines are rendered here with PIL and preprocessed as rapidocr does
-(scaled to a height of 48, in [-1, 1], zero-padded on the right to ``WIDTH``).
+(``orientation.preprocess_line`` at 48 x ``WIDTH``).
 """
 
 from __future__ import annotations
@@ -45,14 +45,9 @@ def _line(rng: np.random.Generator):
 
 
 def preprocess(image) -> np.ndarray:
-    from PIL import Image
+    from edgecompress.models.orientation import preprocess_line
 
-    w, h = image.size
-    width = min(WIDTH, max(1, int(np.ceil(HEIGHT * w / h))))
-    x = np.asarray(image.convert("RGB").resize((width, HEIGHT), Image.BILINEAR), np.float32) / 255.0
-    out = np.zeros((3, HEIGHT, WIDTH), np.float32)
-    out[:, :, :width] = ((x - 0.5) / 0.5).transpose(2, 0, 1)
-    return out
+    return preprocess_line(image, HEIGHT, WIDTH)
 
 
 def render_text_lines(count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:

@@ -100,15 +100,15 @@ def _line(rng: np.random.Generator):
     return page.crop((max(0, left - 3), max(0, top - 3), right + 3, bottom + 3))
 
 
-def preprocess_line(image) -> np.ndarray:
-    """A PIL image -> float32 [3, 48, 192] as rapidocr feeds its classifier: scaled to the height, in [-1, 1],
-    zero-padded on the right."""
+def preprocess_line(image, height: int = LINE_HEIGHT, size: int = LINE_WIDTH) -> np.ndarray:
+    """A PIL image -> float32 [3, height, size] as rapidocr feeds its classifier (48 x 192) and its recogniser
+    (48 x 320): scaled to the height, in [-1, 1], zero-padded on the right."""
     from PIL import Image
 
     w, h = image.size
-    width = min(LINE_WIDTH, max(1, int(np.ceil(LINE_HEIGHT * w / h))))
-    x = np.asarray(image.convert("RGB").resize((width, LINE_HEIGHT), Image.BILINEAR), np.float32) / 255.0
-    out = np.zeros((3, LINE_HEIGHT, LINE_WIDTH), np.float32)
+    width = min(size, max(1, int(np.ceil(height * w / h))))
+    x = np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR), np.float32) / 255.0
+    out = np.zeros((3, height, size), np.float32)
     out[:, :, :width] = ((x - 0.5) / 0.5).transpose(2, 0, 1)
     return out
 
