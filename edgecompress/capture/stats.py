@@ -133,8 +133,10 @@ def layer_stats(layer: nn.Module, inputs: LayerInputs, damping: float = 0.01) ->
     channel, output, dense_channel, count, out_count = None, None, None, 0, 0
     out_features = layer.out_channels if conv else layer.out_features
     factored = _factored_output(layer, conv)
-    targets = inputs.targets if inputs.targets is not None and not factored else inputs.dense if factored \
-        else [layer(x) for x in inputs.dense]
+    if factored:  # the dense inputs stand in for the dense outputs (see the module docstring)
+        targets = inputs.dense
+    else:
+        targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
     for x_current, y_dense in zip(inputs.current, targets):
         rows = _rows(x_current, conv)
         product = (rows.T @ rows).double()  # float32 product of one batch, summed in float64
