@@ -255,8 +255,8 @@ def _factorize_one(model: nn.Module, name: str, layer: nn.Module, config: Factor
             before[name] = saved
         errors = errors or held_errors(result.module, layer, inputs)
         record.output_error, record.output_error_in_model = round(errors.local, 6), round(errors.in_model, 6)
-        if errors.after_relu is not None:
-            record.output_error_after_relu = round(errors.after_relu, 6)
+        if errors.after_activation is not None:
+            record.output_error_after_activation = round(errors.after_activation, 6)
         if config.max_layer_error is not None and record.output_error > config.max_layer_error:
             record.reason = (f"output error {record.output_error:.3g} on held-out data is above --max-layer-error "
                              f"{config.max_layer_error:g}")

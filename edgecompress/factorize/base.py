@@ -96,9 +96,9 @@ class LayerRecord:
     # the compressed model (its own inputs) against the dense model; None without data
     output_error: float | None = None
     output_error_in_model: float | None = None
-    # the in-model error after the ReLU the layer feeds (``capture.downstream``): what the next layer sees, and
-    # what the data-aware refit fits; None when no ReLU follows or without data
-    output_error_after_relu: float | None = None
+    # the in-model error after the activation the layer feeds (a ReLU, ReLU6, HardSwish..., ``capture.downstream``):
+    # what the next layer sees, and what the data-aware refit fits; None when none follows or without data
+    output_error_after_activation: float | None = None
     # the model's outputs on held-out samples with this layer fitted (and those before it), against dense
     model_output_error: float | None = None
     fit: str = "weights"  # "weights" (data-free), or what was fitted on data ("whitened + last step refit", ...)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edgecompress.capture.downstream import Activation
 from edgecompress.capture.stats import LayerInputs
 from edgecompress.factorize.base import FactorizedLayer
 from edgecompress.factorize.layers import ConvChain, LowRankLinear
@@ -116,7 +117,8 @@ def _moments(last: nn.Module, prefix: nn.Module, x_current: torch.Tensor, y_dens
 @dataclasses.dataclass
 class Refit:
     """What ``refit_last_`` did: the ridge shrinkage it chose (inf: the decomposition's step kept), and whether
-    the step was then fitted through the layer's ReLU, with the held-out rectified errors before and after."""
+    the step was then fitted through the layer's activation, with the held-out errors after it, before and
+    after."""
 
     shrinkage: float
     rectified: bool = False
@@ -131,9 +133,9 @@ class Refit:
 def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -> Refit:
     """Solve ``chain``'s last step (and bias) so that it maps its features on ``inputs.current`` to
     ``layer``'s outputs on ``inputs.dense``, in place: ridge least squares shrunk towards the step the
-    decomposition gave, by the shrinkage that predicts left-out batches best. Where the layer feeds a ReLU
-    (``inputs.downstream``) the step is then fitted to the rectified outputs (``_Rectified``), and kept so
-    if its held-out rectified error is lower."""
+    decomposition gave, by the shrinkage that predicts left-out batches best. Where the layer feeds an
+    activation (``inputs.downstream``) the step is then fitted to the activated outputs (``_Rectified``), and
+    kept so if its held-out error after the activation is lower."""
     last, prefix = _last_and_prefix(chain)
     bias = last.bias is not None
     targets = inputs.targets if inputs.targets is not None else [layer(x) for x in inputs.dense]
@@ -178,9 +180,10 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
     return result
 
 
-# the rectified fit (Zhang et al. 2016, section 3.2): min ||relu(t) - relu(z)||^2 + lam ||z - H theta||^2 by
-# turns, z in closed form per value, theta by the ridge solve; lam grows round by round so that z ends on
-# H theta. CREPE full, conv3 alone at svd 4x: RPA 97.75% linear, 99.75% rectified (18 rounds; 5 measured alike).
+# the rectified fit (Zhang et al. 2016, section 3.2): min ||act(t) - act(z)||^2 + lam ||z - H theta||^2 by
+# turns, z in closed form per value (``z_step``: any piecewise ``Activation``), theta by the ridge solve; lam
+# grows round by round so that z ends on H theta. CREPE full, conv3 alone at svd 4x: RPA 97.75% linear, 99.75%
+# rectified (18 rounds; 5 measured alike).
 RECTIFIED_ROUNDS = (0.03, 0.1, 0.3, 1.0, 3.0)
 RECTIFIED_SHRINKAGE = 1e-2
 FEATURE_CACHE = 256 << 20  # bytes of features kept between rounds; beyond that they are recomputed
@@ -191,7 +194,8 @@ RECTIFIED_VALUES = 1 << 22
 
 
 class _Rectified:
-    """The batches of a rectified fit: features of the last step, and the ReLU's per-channel affine."""
+    """The batches of a rectified fit: features of the last step, the per-channel affine before the activation,
+    and the activation."""
 
     def __init__(self, last: nn.Module, prefix: nn.Module, inputs: LayerInputs, groups: int, bias: bool,
                  targets: list[torch.Tensor], held_targets: list[torch.Tensor]):
@@ -200,11 +204,14 @@ class _Rectified:
         rect = inputs.downstream.rectifier
         scale = torch.ones(outputs, dtype=torch.float64) if rect.scale is None else rect.scale.double()
         shift = torch.zeros(outputs, dtype=torch.float64) if rect.shift is None else rect.shift.double()
-        # a channel the affine nearly zeroes carries nothing after it: fitted linearly (scale 1, no ReLU)
+        # a channel the affine nearly zeroes carries nothing after it: fitted linearly (scale 1, no activation)
         self.linear = (scale.abs() <= 1e-6 * float(scale.abs().max().clamp_min(1e-30))).reshape(groups, 1, -1)
         self.scale = scale.reshape(groups, 1, -1).masked_fill(self.linear, 1.0)
         self.shift = shift.reshape(groups, 1, -1).masked_fill(self.linear, 0.0)
-        self.slope = rect.slope
+        self.activation = rect.activation
+        # HardSwish's z-step (cubic roots) in float32: 2-3x faster than in float64 (ocr_cls, 660k values a batch:
+        # 4.4 s of a 10 s build), each value within 2e-6 of its least cost; the linear pieces' is cheap in float64
+        self.z_dtype = torch.float32 if any(p.quadratic for p in rect.activation.pieces) else torch.float64
         self.fit_batches = list(zip(inputs.current, targets))
         values = sum(y.numel() for y in targets)
         self.share = min(1.0, RECTIFIED_VALUES / max(values, 1))  # of each fitting batch's pixels
@@ -241,13 +248,8 @@ class _Rectified:
             cross = 0.0
             for k, (x, y) in enumerate(self.fit_batches):
                 h, pre = self._batch(("fit", k), x, y, self.share)
-                target, a = activate(pre, self.slope), self.slope
                 u = (h @ theta) * self.scale + self.shift
-                z_neg = ((a * target + lam * u) / (a * a + lam)).clamp_max(0)  # u.clamp_max(0) for a ReLU
-                z_pos = ((lam * u + target) / (1 + lam)).clamp_min(0)
-                cost_neg = (target - a * z_neg).pow(2) + lam * (z_neg - u).pow(2)
-                cost_pos = (target - z_pos).pow(2) + lam * (z_pos - u).pow(2)
-                z = torch.where(cost_neg < cost_pos, z_neg, z_pos)
+                z = z_step(self.activation, self.activation(pre).to(self.z_dtype), u.to(self.z_dtype), lam).double()
                 z = torch.where(self.linear, pre, z)
                 # over a share of the pixels: scaled to estimate the whole cross-moment that the gram goes with
                 cross = cross + h.transpose(1, 2) @ ((z - self.shift) / self.scale) / self.share
@@ -261,8 +263,8 @@ class _Rectified:
         error = energy = 0.0
         for k, (x, y) in enumerate(self.held_batches):
             h, pre = self._batch(("held", k), x, y)
-            target = activate(pre, self.slope)
-            u = activate((h @ theta) * self.scale + self.shift, self.slope)
+            target = self.activation(pre)
+            u = self.activation((h @ theta) * self.scale + self.shift)
             error += float((u - target).pow(2).sum())
             energy += float(target.pow(2).sum())
         return math.sqrt(error / (energy or 1e-30))
@@ -272,16 +274,17 @@ class _Rectified:
 class HeldErrors:
     """Relative output errors of a chain on the held-out inputs (the fitted ones when none are held out):
     on the same dense inputs as the dense layer (``local``), in the compressed model against the dense model
-    (``in_model``), and the same after the ReLU the layer feeds (``after_relu``; None where none follows)."""
+    (``in_model``), and the same after the activation the layer feeds (``after_activation``; None where none
+    follows)."""
 
     local: float
     in_model: float
-    after_relu: float | None = None
+    after_activation: float | None = None
 
     @property
     def seen(self) -> float:
-        """What the next layer sees: the error after the ReLU where there is one, else in the model."""
-        return self.in_model if self.after_relu is None else self.after_relu
+        """What the next layer sees: the error after the activation where there is one, else in the model."""
+        return self.in_model if self.after_activation is None else self.after_activation
 
 
 @torch.no_grad()
@@ -293,7 +296,7 @@ def held_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> Held
     dense, current = (inputs.held_dense, inputs.held_current) if held else (inputs.dense, inputs.current)
     targets = inputs.held_targets if held else inputs.targets
     targets = targets if targets is not None else [layer(x) for x in dense]
-    local = in_model = relu = energy = relu_energy = 0.0
+    local = in_model = activated = energy = activated_energy = 0.0
     for x_dense, x_current, y in zip(dense, current, targets):
         y_local = chain(x_dense).double()
         y_model = y_local if x_current is x_dense else chain(x_current).double()
@@ -303,11 +306,11 @@ def held_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> Held
         energy += float(y.pow(2).sum())
         if rectifier is not None:
             t = rectified(rectifier, layer, y)
-            relu += float((rectified(rectifier, layer, y_model) - t).pow(2).sum())
-            relu_energy += float(t.pow(2).sum())
+            activated += float((rectified(rectifier, layer, y_model) - t).pow(2).sum())
+            activated_energy += float(t.pow(2).sum())
     energy = energy or 1e-30
     return HeldErrors(math.sqrt(local / energy), math.sqrt(in_model / energy),
-                      None if rectifier is None else math.sqrt(relu / (relu_energy or 1e-30)))
+                      None if rectifier is None else math.sqrt(activated / (activated_energy or 1e-30)))
 
 
 def _refine_set(chain: nn.Module, layer: nn.Module, currents: list[torch.Tensor], targets: list[torch.Tensor],
@@ -351,26 +354,65 @@ def _fitting(chain: nn.Module, probe: torch.Tensor, values: int, samples: int, b
 
 
 def rectified(rectifier, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """``relu(scale * y + shift)`` (or its LeakyReLU) per output channel of ``layer`` (``y`` as it returns it);
-    ``y`` itself when ``rectifier`` is None."""
+    """``activation(scale * y + shift)`` per output channel of ``layer`` (``y`` as it returns it); ``y`` itself
+    when ``rectifier`` is None."""
     if rectifier is None:
         return y
     shape = [1] * y.dim()
     shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
     if rectifier.scale is not None:
         y = y * rectifier.scale.reshape(shape).to(y.dtype) + rectifier.shift.reshape(shape).to(y.dtype)
-    return activate(y, rectifier.slope)
+    return rectifier.activation(y)
 
 
-def activate(y: torch.Tensor, slope: float) -> torch.Tensor:
-    """A ReLU (``slope`` 0), or a LeakyReLU of that negative slope."""
-    return F.leaky_relu(y, slope) if slope else y.clamp_min(0)
+def z_step(activation: Activation, target: torch.Tensor, u: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per value, ``argmin_z (target - activation(z))^2 + lam (z - u)^2``: the best of each piece's own minimum.
+    A linear piece's is its clamped least-squares point; HardSwish's quadratic piece's is a real root of the
+    cubic its derivative makes, clamped (its ends are its neighbours' too: the activation is continuous)."""
+    best = cost = None
+    for piece in activation.pieces:
+        if piece.quadratic:
+            candidates = _cubic_roots(target, u, lam)
+        else:
+            p, q = piece.slope, piece.offset
+            candidates = [(p * (target - q) + lam * u) / (p * p + lam)]
+        for z in candidates:
+            z = z.clamp(piece.low, piece.high)
+            c = (target - piece(z)).pow(2) + lam * (z - u).pow(2)
+            if best is None:
+                best, cost = z, c
+            else:  # a tie goes to the later piece (a ReLU's: the positive side)
+                better = c <= cost
+                best, cost = torch.where(better, z, best), torch.where(better, c, cost)
+    return best
+
+
+def _cubic_roots(target: torch.Tensor, u: torch.Tensor, lam: float) -> list[torch.Tensor]:
+    """The real roots (one, or three) of ``d/dz [(t - z (z + 3) / 6)^2 + lam (z - u)^2] = 0``, a cubic
+    ``z^3 + 4.5 z^2 + (4.5 - 6 t + 18 lam) z - 9 t - 18 lam u``; with ``z = y - 1.5`` it is ``y^3 + p y + q``,
+    ``p = 18 lam - 2.25 - 6 t``, ``q = -9 lam (3 + 2 u)`` (Cardano where one root is real, else the
+    trigonometric form)."""
+    p, q = 18 * lam - 2.25 - 6 * target, -9 * lam * (3 + 2 * u)
+    disc = (q / 2).pow(2) + (p / 3).pow(3)
+    root = disc.clamp_min(0).sqrt()
+    one = _cbrt(-q / 2 + root) + _cbrt(-q / 2 - root) - 1.5
+    three = disc < 0
+    if not bool(three.any()):
+        return [one]
+    negative = p.clamp_max(-1e-12)
+    m = 2 * (-negative / 3).sqrt()
+    angle = torch.acos((3 * q / (negative * m)).clamp(-1, 1)) / 3
+    return [torch.where(three, m * torch.cos(angle - 2 * math.pi * k / 3) - 1.5, one) for k in range(3)]
+
+
+def _cbrt(x: torch.Tensor) -> torch.Tensor:
+    return x.sign() * x.abs().pow(1 / 3)
 
 
 def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs,
             steps: int = REFINE_STEPS) -> tuple[bool, HeldErrors]:
     """L-BFGS on ``||chain(current) - layer(dense)||^2`` over all of ``chain``'s parameters (both through the
-    layer's ReLU where it feeds one: ``inputs.downstream``), on ``_refine_set``'s samples; the chain is changed
+    layer's activation where it feeds one: ``inputs.downstream``), on ``_refine_set``'s samples; the chain is changed
     only if its held-out in-model error falls. Returns whether it was, and the chain's held-out errors."""
     rectifier = inputs.downstream.rectifier if inputs.downstream is not None else None
     with torch.no_grad():

@@ -195,7 +195,7 @@ def test_a_layer_with_many_outputs_is_refit_through_its_relu_on_a_sample_of_its_
     again, _ = factorize(model, config, calib=calib)
     assert all(torch.equal(a, b) for a, b in zip(sampled.state_dict().values(), again.state_dict().values()))
     for full, part in zip(whole.factorized, report.factorized):
-        assert part.output_error_after_relu <= 1.1 * full.output_error_after_relu + 0.01
+        assert part.output_error_after_activation <= 1.1 * full.output_error_after_activation + 0.01
     assert _accuracy(sampled, x, y) >= 0.985
 
 

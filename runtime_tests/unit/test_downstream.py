@@ -155,9 +155,12 @@ def test_a_leaky_relu_is_found_with_its_slope_in_torch_and_onnx():
     assert found["conv_a"].rectifier.slope == 0.0 and found["conv_b"].rectifier.slope == 0.25
 
 
-def test_the_refit_through_a_leaky_relu_lowers_the_models_error(relu_net, monkeypatch):
-    """The same stack with a LeakyReLU(0.2) after the BatchNorm (as tf2onnx's speech embedding has): fitted
-    through it, what the next layer sees is closer to dense than with the linear refit."""
+@pytest.mark.parametrize("activation, name", [(nn.LeakyReLU(0.2), "LeakyReLU(0.2)"), (nn.Hardswish(), "HardSwish")])
+def test_the_refit_through_a_leaky_relu_or_a_hard_swish_lowers_the_models_error(relu_net, monkeypatch, activation,
+                                                                                   name):
+    """The same stack with a LeakyReLU(0.2) (tf2onnx's speech embedding) or a HardSwish (MobileNetV3,
+    PP-LCNet) after the BatchNorm: fitted through it, what the next layer sees is closer to dense than with the
+    linear refit."""
     import copy
 
     from edgecompress.capture import TorchCapture
@@ -165,14 +168,101 @@ def test_the_refit_through_a_leaky_relu_lowers_the_models_error(relu_net, monkey
 
     net, calib, x = relu_net
     net = copy.deepcopy(net)
-    net[4] = nn.LeakyReLU(0.2)
+    net[4] = activation
     config = FactorizeConfig(method="svd", ratio=4, include=("2",))
     aware, report = factorize(net, config, calib=calib)
     (record,) = report.factorized
-    assert "through its BatchNorm + LeakyReLU(0.2)" in record.fit
+    assert f"through its BatchNorm + {name}" in record.fit
     monkeypatch.setattr(TorchCapture, "downstream", lambda self, name: None)
     plain, _ = factorize(net, config, calib=calib)
     with torch.no_grad():
         dense = net[:5](x)
         errors = [float((m[:5](x) - dense).norm() / dense.norm()) for m in (plain, aware)]
     assert errors[1] < errors[0], errors
+
+
+def test_the_piecewise_activations_of_mobile_nets_are_found_in_torch():
+    class Mobile(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d, self.e, self.f, self.g = (nn.Linear(4, 4) for _ in range(7))
+            self.six, self.swish, self.gate = nn.ReLU6(), nn.Hardswish(), nn.Hardsigmoid()
+
+        def forward(self, x):
+            x = self.six(self.a(x))
+            x = self.swish(self.b(x)) + self.gate(self.c(x))
+            x = F.hardswish(self.d(x)) + F.relu6(self.e(x))
+            return F.hardtanh(self.f(x), -2.0, 2.0) * self.g(x)  # g feeds a Mul: nothing
+
+    found = torch_downstream(Mobile(), list("abcdefg"))
+    assert {n: d.rectifier.describe() for n, d in found.items()} == {
+        "a": "ReLU6", "b": "HardSwish", "c": "HardSigmoid", "d": "HardSwish", "e": "ReLU6", "f": "Clip(-2, 2)"}
+
+
+def _spelled_out() -> onnx.ModelProto:
+    """Four 1x1 convs: a HardSwish as PaddlePaddle writes it (``x * Clip(x + 3, 0, 6) / 6``, its constants
+    in Constant nodes), as torch did before opset 14 (``x * HardSigmoid(x)``), a Clip(0, 6) with initializer
+    bounds, and the Paddle form whose ``x`` also feeds an Add: that one is no HardSwish of ``x`` alone."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), f"w{k}") for k in range(4)]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0.0), ("six", 6.0))]
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.float32)))
+
+    def paddle(x, tag):
+        return [const(f"three{tag}", 3.0), const(f"lo{tag}", 0.0), const(f"hi{tag}", 6.0), const(f"sixth{tag}", 6.0),
+                helper.make_node("Add", [x, f"three{tag}"], [f"p{tag}"]),
+                helper.make_node("Clip", [f"p{tag}", f"lo{tag}", f"hi{tag}"], [f"c{tag}"]),
+                helper.make_node("Mul", [x, f"c{tag}"], [f"m{tag}"]),
+                helper.make_node("Div", [f"m{tag}", f"sixth{tag}"], [f"h{tag}"])]
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["y0"], name="paddle"), *paddle("y0", "a"),
+             helper.make_node("Conv", ["ha", "w1"], ["y1"], name="torch"),
+             helper.make_node("HardSigmoid", ["y1"], ["g1"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["g1", "y1"], ["h1"]),
+             helper.make_node("Conv", ["h1", "w2"], ["y2"], name="clip"),
+             helper.make_node("Clip", ["y2", "zero", "six"], ["h2"]),
+             helper.make_node("Conv", ["h2", "w3"], ["y3"], name="shared"), *paddle("y3", "b"),
+             helper.make_node("Add", ["hb", "y3"], ["out"])]
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+                              [info("out", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_hard_swish_spelled_out_by_an_exporter_is_found_in_onnx():
+    import onnxruntime as ort
+
+    model = _spelled_out()
+    onnx.checker.check_model(model)
+    found = onnx_downstream(model, {"paddle": "y0", "torch": "y1", "clip": "y2", "shared": "y3"})
+    assert {n: d.rectifier.describe() for n, d in found.items()} == {
+        "paddle": "HardSwish", "torch": "HardSwish", "clip": "ReLU6"}
+    # the stand-in applies what the spelled-out nodes compute
+    extra = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in ("y0", "ha", "y1", "h1")]
+    model.graph.output.extend(extra)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((1, 4, 2, 2)).astype(np.float32) * 4
+    y0, ha, y1, h1 = session.run(["y0", "ha", "y1", "h1"], {"x": x})
+    for pre, post, name in ((y0, ha, "paddle"), (y1, h1, "torch")):
+        act = found[name].rectifier.activation
+        np.testing.assert_allclose(act(torch.from_numpy(pre)).numpy(), post, rtol=1e-5, atol=1e-6)
+
+
+def test_the_z_step_is_each_values_least_cost():
+    """For every activation, the z-step's value costs no more than the best of a fine grid."""
+    from edgecompress.capture.downstream import clip, hard_sigmoid, hard_swish, relu
+    from edgecompress.factorize.reconstruct import z_step
+
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+    for act in (relu(), relu(0.2), clip(0.0, 6.0), hard_sigmoid(), hard_sigmoid(0.2, 0.5), hard_swish()):
+        values = act(grid)
+        for lam in (0.03, 1.0):
+            pre = torch.randn(300, generator=gen, dtype=torch.float64) * 3
+            target, u = act(pre), pre + torch.randn(300, generator=gen, dtype=torch.float64) * 2
+            z = z_step(act, target, u, lam)
+            cost = (target - act(z)).pow(2) + lam * (z - u).pow(2)
+            best = ((target[:, None] - values).pow(2) + lam * (grid - u[:, None]).pow(2)).min(1).values
+            assert bool((cost <= best + 1e-9).all()), (act.name, lam, float((cost - best).max()))
