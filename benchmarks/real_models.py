@@ -184,13 +184,15 @@ def run_model(model: str, methods, ratios, work: Path, seconds: float) -> list[d
     return rows
 
 
-def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
+def write(rows: list[dict], command: str, latest: str, seconds: float, md: Path) -> None:
+    """The table of ``rows`` into ``md`` and its JSON beside it; ``command`` names what made every row,
+    ``latest`` the run just done, which took ``seconds``."""
     from edgecompress import io
 
-    io.write_json(md.with_suffix(".json"), {"command": command, "seconds": seconds, "rows": rows})
+    io.write_json(md.with_suffix(".json"), {"command": command, "latest": latest, "seconds": seconds, "rows": rows})
     lines = ["# Real trained models: data-free vs data-aware factorization", "",
-             f"Command: {command if command.startswith('`') else f'`{command}`'} (the last took {seconds / 60:.1f} min "
-             "on this project's 2-core machine). No fine-tuning. "
+             f"Command: {command if command.startswith('`') else f'`{command}`'}. The latest, `{latest}`, took "
+             f"{seconds / 60:.1f} min on this project's 2-core machine. No fine-tuning. "
              "Same ranks for the data-free and the data-aware variant of a method (`--ratio` per layer, layers under "
              "4096 parameters or with fewer than 16 outputs, and an output layer with at most 5% of the parameters, kept dense, as the CLI defaults). Time and peak RSS: "
              "the whole variant build in a fresh process (load, capture, decompose, refit, export). Latency: "
@@ -206,11 +208,12 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
     lines += ["", "## Per-layer output error, data-free vs data-aware at the same ranks", "",
               "Relative, on the held-out calibration samples: `local` against the dense layer on the same dense "
               "inputs; `in model` the compressed model's activation at that layer against the dense model's; "
-              "`after ReLU` the same, after the ReLU the layer feeds (what the next layer sees, and what the "
+              "`after activation` the same, after the activation the layer feeds (ReLU, LeakyReLU, ReLU6, "
+              "HardSigmoid or HardSwish, through a BatchNorm between: what the next layer sees, and what the "
               "data-aware refit fits; - where none follows). `lower by` compares what the next layer sees: after "
-              "the ReLU where there is one, else in model. The data-aware figures are the refitted chain's, also "
+              "the activation where there is one, else in model. The data-aware figures are the refitted chain's, also "
               "where the whole-model check then undid the refits (its `fit` says so).", "",
-              "| model | method | layer | ranks | local: free / data | in model: free / data | after ReLU: free / data "
+              "| model | method | layer | ranks | local: free / data | in model: free / data | after activation: free / data "
               "| lower by |",
               "|---|---|---|---|---:|---:|---:|---:|"]
     by_key = {(r["model"], r["variant"]): r for r in rows if "layers" in r}
@@ -223,13 +226,13 @@ def write(rows: list[dict], command: str, seconds: float, md: Path) -> None:
         for a, b in zip(free["layers"], aware["layers"]):
             if a["method"] == "dense" or b["method"] == "dense" or a.get("output_error") is None:
                 continue
-            seen = "output_error_after_relu" if a.get("output_error_after_relu") is not None else "output_error_in_model"
+            after = "output_error_after_activation"
+            seen = after if a.get(after) is not None else "output_error_in_model"
             gain = a[seen] / max(b[seen], 1e-12)
-            relu = (f"{a['output_error_after_relu']:.3f} / {b['output_error_after_relu']:.3f}"
-                    if seen == "output_error_after_relu" else "-")
+            activated = f"{a[after]:.3f} / {b[after]:.3f}" if seen == after else "-"
             lines.append(f"| {model} | {variant[:-5]} | {a['name']} | {','.join(map(str, a['ranks']))} | "
                          f"{a['output_error']:.3f} / {b['output_error']:.3f} | "
-                         f"{a['output_error_in_model']:.3f} / {b['output_error_in_model']:.3f} | {relu} | {gain:.1f}x |")
+                         f"{a['output_error_in_model']:.3f} / {b['output_error_in_model']:.3f} | {activated} | {gain:.1f}x |")
     io.write_text(md, "\n".join(lines) + "\n")
 
 
@@ -271,8 +274,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     command = ("python benchmarks/real_models.py" + (" --quick" if args.quick else "")
                + (f" --models {args.models}" if args.models else ""))
-    rows, command = _merged(md.with_suffix(".json"), rows, names, command)
-    write(rows, command, seconds, md)
+    rows, merged = _merged(md.with_suffix(".json"), rows, names, command)
+    write(rows, merged, command, seconds, md)
     say(f"done in {seconds / 60:.1f} min: {md}")
     return 0
 
