@@ -25,6 +25,7 @@ from edgecompress.capture.downstream import Downstream, torch_downstream
 from edgecompress.capture.samples import CalibrationSet
 from edgecompress.capture.stats import LayerInputs
 from edgecompress.errors import ConfigError
+from edgecompress.factorize.base import in_torch_only
 
 MEMORY_CAP = 1 << 30  # bytes of dense-model layer inputs kept between layers
 
@@ -143,6 +144,7 @@ class TorchCapture:
         self._last = (name, caught)
         return LayerInputs(dense, current, held_dense, held, downstream=self.downstream(name))
 
+    @in_torch_only()
     def _catch_current(self, name: str) -> list[torch.Tensor]:
         """Layer ``name``'s input in the working model, per fit and held batch, the fitted chains replayed."""
         replays = {n: _Replay(self.model.get_submodule(n), outs) for n, outs in self._replays.items()}
@@ -165,6 +167,7 @@ class TorchCapture:
         return LayerInputs(dense, dense, held_dense, held_dense, downstream=self.downstream(name))
 
     @torch.no_grad()
+    @in_torch_only()
     def replace(self, name: str, module: nn.Module) -> None:
         """The loop swaps the chain into ``model`` itself; its outputs on the inputs it was fitted on are kept
         for the later layers' captures, while they fit the memory cap."""
@@ -197,6 +200,7 @@ class TorchCapture:
         finally:
             self.model.set_submodule(name, original)
 
+    @in_torch_only()
     def _model_error(self) -> float:
         if self._final is None:  # the dense model's held-out outputs, once
             self._final = [_outputs(self.dense(_tensor(b))) for b in self.calib.evaluation()]

@@ -55,6 +55,23 @@ SCREENING: contextvars.ContextVar[bool] = contextvars.ContextVar("screening", de
 MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("memo", default=None)
 
 
+# set while chains are only run in torch, to fit or measure them, never traced for export (``in_torch_only``):
+# a chain may then compute its outputs by an equivalent that is cheaper there. A TT chain costs 2-27x its
+# dense layer's MACs and goes through a copy per core; its dense weight, rebuilt from the cores (a
+# differentiable product), runs as one dense kernel instead.
+IN_TORCH_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("in_torch_only", default=False)
+
+
+@contextlib.contextmanager
+def in_torch_only():
+    """Chains run in this block are fitted or measured in torch, not exported (``IN_TORCH_ONLY``)."""
+    token = IN_TORCH_ONLY.set(True)
+    try:
+        yield
+    finally:
+        IN_TORCH_ONLY.reset(token)
+
+
 @contextlib.contextmanager
 def sharing(memo: dict | None, screening: bool = False):
     """Fits in this block share ``memo`` (``MEMO``); ``screening``: they may also approximate (``SCREENING``)."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from edgecompress.capture.downstream import Activation
 from edgecompress.capture.stats import LayerInputs
-from edgecompress.factorize.base import FactorizedLayer
+from edgecompress.factorize.base import FactorizedLayer, in_torch_only
 from edgecompress.factorize.layers import ConvChain, LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ class HeldErrors:
 
 
 @torch.no_grad()
+@in_torch_only()
 def held_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> HeldErrors:
     """``chain``'s ``HeldErrors``, from one pass on each held-out batch (two where the compressed model's
     inputs differ from the dense model's)."""
@@ -298,19 +299,24 @@ def held_errors(chain: nn.Module, layer: nn.Module, inputs: LayerInputs) -> Held
     targets = targets if targets is not None else [layer(x) for x in dense]
     local = in_model = activated = energy = activated_energy = 0.0
     for x_dense, x_current, y in zip(dense, current, targets):
-        y_local = chain(x_dense).double()
-        y_model = y_local if x_current is x_dense else chain(x_current).double()
-        y = y.double()
-        local += float((y_local - y).pow(2).sum())
-        in_model += float((y_model - y).pow(2).sum())
-        energy += float(y.pow(2).sum())
+        y_local = chain(x_dense)
+        y_model = y_local if x_current is x_dense else chain(x_current)
+        apart = _energy(y_local - y)
+        local += apart
+        in_model += apart if y_model is y_local else _energy(y_model - y)
+        energy += _energy(y)
         if rectifier is not None:
             t = rectified(rectifier, layer, y)
-            activated += float((rectified(rectifier, layer, y_model) - t).pow(2).sum())
-            activated_energy += float(t.pow(2).sum())
+            activated += _energy(rectified(rectifier, layer, y_model) - t)
+            activated_energy += _energy(t)
     energy = energy or 1e-30
     return HeldErrors(math.sqrt(local / energy), math.sqrt(in_model / energy),
                       None if rectifier is None else math.sqrt(activated / (activated_energy or 1e-30)))
+
+
+def _energy(t: torch.Tensor) -> float:
+    """The sum of squares of ``t``, accumulated in float64."""
+    return float(t.pow(2).sum(dtype=torch.float64))
 
 
 def _refine_set(chain: nn.Module, layer: nn.Module, currents: list[torch.Tensor], targets: list[torch.Tensor],
@@ -409,6 +415,7 @@ def _cbrt(x: torch.Tensor) -> torch.Tensor:
     return x.sign() * x.abs().pow(1 / 3)
 
 
+@in_torch_only()
 def refine_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs,
             steps: int = REFINE_STEPS) -> tuple[bool, HeldErrors]:
     """L-BFGS on ``||chain(current) - layer(dense)||^2`` over all of ``chain``'s parameters (both through the

@@ -23,7 +23,7 @@ from edgecompress.factorize.api import relative_error
 from edgecompress.factorize.base import SkipLayer
 from edgecompress.factorize.ranks import RankSpec
 from edgecompress.factorize.registry import Decomposition, register
-from edgecompress.factorize.tt_layers import TTConv, TTEmbedding, TTLinear, TTNaiveConv, to_chain
+from edgecompress.factorize.tt_layers import TTConv, TTEmbedding, TTLinear, TTNaiveConv, chain_macs, to_chain
 from edgecompress.factorize.tt_svd import (choose_d, choose_max_rank, interleave, mode_shape, rank_caps,
                                            tt_params, tt_svd)
 
@@ -37,14 +37,6 @@ def paired_modes(in_size: int, out_size: int, d: int, what: str = "features") ->
     notes = [f"{side} {what} padded {n} -> {p} with zeros to get balanced TT modes"
              for side, n, p in (("input", in_size, in_padded), ("output", out_size, out_padded)) if p != n]
     return tuple(sorted(in_modes, reverse=True)), tuple(sorted(out_modes)), notes
-
-
-def chain_macs(in_modes, out_modes, chain_ranks) -> int:
-    """MACs of the MatMul chain per input row (one row of the 2-D state before padding)."""
-    total = 0
-    for k in range(len(in_modes)):
-        total += math.prod(out_modes[: k + 1]) * math.prod(in_modes[k:]) * chain_ranks[k] * chain_ranks[k + 1]
-    return total
 
 
 def _speed_note(macs: int, dense: int, per: str) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from edgecompress.factorize.base import FactorizedLayer
+from edgecompress.factorize.base import IN_TORCH_ONLY, FactorizedLayer
 from edgecompress.factorize.tt_svd import deinterleave, tt_full
 
 
@@ -41,6 +41,14 @@ def to_chain(core: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """A TT-SVD core ``[r, a*b, r']`` -> the MatMul layout ``[(a r), (r' b)]``."""
     r, _, r2 = core.shape
     return core.reshape(r, a, b, r2).permute(1, 0, 3, 2).reshape(a * r, r2 * b)
+
+
+def chain_macs(in_modes, out_modes, chain_ranks) -> int:
+    """MACs of the MatMul chain per input row (one row of the 2-D state before padding)."""
+    total = 0
+    for k in range(len(in_modes)):
+        total += math.prod(out_modes[: k + 1]) * math.prod(in_modes[k:]) * chain_ranks[k] * chain_ranks[k + 1]
+    return total
 
 
 def from_chain(matrix: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -78,6 +86,14 @@ class _TTChain(FactorizedLayer):
         z = z.reshape(math.prod(self.out_modes), -1)
         return z.index_select(0, self.keep_index) if hasattr(self, "keep_index") else z
 
+    def _through_dense(self, rows: float, chain_per_row: float, dense_per_row: float) -> bool:
+        """Whether ``rows`` outputs are cheaper through the rebuilt dense weight (``IN_TORCH_ONLY``: fitting or
+        measuring in torch, never while exporting): rebuilding costs about the weight times the largest rank."""
+        if not IN_TORCH_ONLY.get():
+            return False
+        rebuild = dense_per_row * max(self.chain_ranks)
+        return rows * dense_per_row + rebuild < rows * chain_per_row
+
     def core_tensors(self) -> list[torch.Tensor]:
         """Cores as ``[r_{k-1}, a_k, b_k, r_k]``."""
         return [from_chain(c, a, b) for c, a, b in zip(self.cores, self.in_modes, self.out_modes)]
@@ -107,6 +123,9 @@ class TTLinear(_TTChain):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.out_size * self.in_size
+        if self._through_dense(x.numel() / self.in_size, chain_macs(self.in_modes, self.out_modes, self.chain_ranks), dense):
+            return torch.nn.functional.linear(x, self.dense_weight(), self.bias)
         lead = [int(s) for s in x.shape[1:-1]]
         y = self._chain(x.reshape(-1, self.in_size)).t()
         if x.dim() == 1:
@@ -146,6 +165,8 @@ class TTConv(_TTChain):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, s = self.in_size, self.out_size
+        if self._cheaper_dense(x):
+            return self.spatial._conv_forward(x, self.dense_weight(), self.bias)
         if self.spatial_first:
             r0 = self.chain_ranks[0]
             z = self.spatial(x.reshape(-1, 1, *[int(v) for v in x.shape[2:]]))  # [B*C, r_0, *out]
@@ -163,6 +184,19 @@ class TTConv(_TTChain):
         if self.bias is not None:
             y = y + self.bias.reshape(s, *([1] * (y.dim() - 2)))
         return y
+
+    def _cheaper_dense(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes through the rebuilt dense weight, one Conv with the spatial core's stride,
+        padding and dilation (``_through_dense``)."""
+        if not isinstance(self.spatial, (nn.Conv1d, nn.Conv2d)):
+            return False
+        k, stride = math.prod(self.spatial.kernel_size), math.prod(self.spatial.stride)
+        rows = x.numel() / self.in_size / stride  # output positions, about
+        if self.spatial_first:
+            chain = self.in_size * self.chain_ranks[0] * k + chain_macs(self.in_modes, self.out_modes, self.chain_ranks)
+        else:
+            chain = stride * chain_macs(self.in_modes, self.out_modes, self.chain_ranks) + self.out_size * self.chain_ranks[-1] * k
+        return self._through_dense(rows, chain, self.out_size * self.in_size * k)
 
     def spatial_kernel(self) -> torch.Tensor:
         """The spatial core as ``[rank, *kernel]``."""

@@ -180,3 +180,33 @@ def test_report_holds_ranks_modes_and_params():
     assert emb.compression >= 4 and lin.compression >= 4
     assert count_params(new) == emb.params_after + lin.params_after
     assert new[0].num_embeddings == 1000
+
+
+@pytest.mark.parametrize("layer,x,first", [
+    (nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.randn(3, 32, 16, 16), True),
+    (nn.Conv2d(64, 32, 3, padding=1), torch.randn(3, 64, 16, 16), False),
+    (nn.Conv1d(48, 48, 9, padding=4), torch.randn(3, 48, 40), True),
+    (nn.Linear(256, 512), torch.randn(64, 256), None),
+])
+def test_a_chain_fitted_in_torch_runs_through_its_dense_weight_with_the_same_outputs_and_gradients(layer, x, first):
+    from edgecompress.factorize.base import in_torch_only
+
+    torch.manual_seed(0)
+    spec = RankSpec(ratio=4, multiple=1)
+    module = tt_linear(layer, spec).module if first is None else tt_conv(layer, spec, spatial_first=first).module
+    runs = []
+    for cheaper in (False, True):
+        module.zero_grad()
+        if cheaper:
+            with in_torch_only():
+                assert module._through_dense(1, 1, 0) and (first is None or module._cheaper_dense(x))
+                y = module(x)
+        else:
+            y = module(x)
+        y.pow(2).sum().backward()
+        runs.append((y.detach(), [p.grad.clone() for p in module.parameters()]))
+    (y_chain, g_chain), (y_dense, g_dense) = runs
+    torch.testing.assert_close(y_dense, y_chain, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_dense, g_chain):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+    assert not module._through_dense(1e9, 1e9, 1)  # outside the block, as when exporting: the chain itself
