@@ -101,6 +101,18 @@ def test_text_line_classifier_far_past_its_reach_is_held_to_the_bound(cli, lines
     assert (run_onnx(bounded, x).argmax(1) == dense).mean() > (run_onnx(lost, x).argmax(1) == dense).mean() + 0.1
 
 
+def _exports(cli, model, shape: str, calib, folder, *options: str) -> dict:
+    """``model`` exported with ``options`` weight-only (at ``shape``) and fitted to ``calib``: fit -> file
+    (its report beside it, ``.json``)."""
+    files = {}
+    for fit, args in (("free", ("--data-free", "--input-shape", shape)), ("data", ("--calib", calib))):
+        out = folder / f"{fit}.onnx"
+        result = cli("export", model, *options, *args, "-o", out, "--report", out.with_suffix(".json"))
+        assert result.exit_code == 0, result.output
+        files[fit] = out
+    return files
+
+
 def test_text_recogniser_svd_1_5x_reads_with_data_and_not_without(cli, tmp_path):
     """PP-OCRv4 rec at svd 1.5x (30 1x1 convs and 8 MatMuls, its 6625-way head among them): weight-only it
     reads nothing (measured 0% character accuracy); fitted to 32 rendered lines through onnxruntime, 82.9%
@@ -112,12 +124,10 @@ def test_text_recogniser_svd_1_5x_reads_with_data_and_not_without(cli, tmp_path)
     x, texts = render_text_lines(60, seed=1)
     table = characters(model)
     read = {"dense": character_accuracy(ctc_decode(run_onnx(model, x), table), texts)}
-    for fit, args in (("free", ("--data-free", "--input-shape", "1x3x48x320")), ("data", ("--calib", calib))):
-        out, report = tmp_path / f"{fit}.onnx", tmp_path / f"{fit}.json"
-        result = cli("export", model, "--method", "svd", "--ratio", "1.5", *args, "-o", out, "--report", report)
-        assert result.exit_code == 0, result.output
+    for fit, out in _exports(cli, model, "1x3x48x320", calib, tmp_path, "--method", "svd", "--ratio", "1.5").items():
         read[fit] = character_accuracy(ctc_decode(run_onnx(out, x), table), texts)
         assert out.stat().st_size < 0.7 * model.stat().st_size
+    report = tmp_path / "data.json"  # the data-aware export's
     assert read["dense"] >= 0.85 and read["free"] < 0.3 and read["data"] >= read["dense"] - 0.1, read
     layers = json.loads(report.read_text())["layers"]
     assert sum(r["method"] == "svd" for r in layers) >= 30
@@ -134,10 +144,7 @@ def test_text_detector_svd_2x_finds_the_words_with_data_and_not_without(cli, tmp
     x, centres = render_det_pages(40, seed=1)
     dense = run_onnx(model, x)
     scores = {}
-    for fit, args in (("free", ("--data-free", "--input-shape", "1x3x320x320")), ("data", ("--calib", calib))):
-        out = tmp_path / f"{fit}.onnx"
-        result = cli("export", model, "--method", "svd", "--ratio", "2", *args, "-o", out)
-        assert result.exit_code == 0, result.output
+    for fit, out in _exports(cli, model, "1x3x320x320", calib, tmp_path, "--method", "svd", "--ratio", "2").items():
         probs = run_onnx(out, x)
         scores[fit] = (mask_agreement(probs, dense), word_recall(probs, centres))
         assert out.stat().st_size < 0.6 * model.stat().st_size
@@ -156,10 +163,7 @@ def test_speech_embedding_svd_2x_keeps_its_embeddings_with_data(cli, tmp_path, c
     x = mel_windows(200, seed=1)
     dense = run_onnx(model, x)
     similar = {}
-    for fit, args in (("free", ("--data-free", "--input-shape", "1x76x32x1")), ("data", ("--calib", calib))):
-        out = tmp_path / f"{fit}.onnx"
-        result = cli("export", model, "--method", "svd", "--ratio", "2", *args, "-o", out)
-        assert result.exit_code == 0, result.output
+    for fit, out in _exports(cli, model, "1x76x32x1", calib, tmp_path, "--method", "svd", "--ratio", "2").items():
         similar[fit] = cosine(run_onnx(out, x), dense)
         assert out.stat().st_size < 0.6 * model.stat().st_size
     assert np.median(similar["data"]) >= 0.99 and similar["data"].min() >= 0.9
