@@ -238,15 +238,6 @@ class _OnnxNode:
         return self.users(self.node.output[0])
 
 
-def _onnx_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant nodes' values by tensor name."""
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
 def _attribute(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
@@ -346,12 +337,14 @@ def _spelled_hard_swish(graph: onnx.GraphProto, consumers: dict[str, list[onnx.N
 
 def onnx_downstream(model: onnx.ModelProto, outputs: dict[str, str]) -> dict[str, Downstream]:
     """For the layers (name -> output tensor), what their outputs go through (``Downstream``): the nodes say."""
+    from edgecompress.graph.read import constants as tensors  # here: graph imports capture
+
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for tensor in node.input:
             consumers.setdefault(tensor, []).append(node)
     graph_outputs = {o.name for o in model.graph.output}
-    constants = _onnx_constants(model.graph)
+    constants = {name: numpy_helper.to_array(t) for name, t in tensors(model).items()}
     spelled = _spelled_hard_swish(model.graph, consumers, constants)
 
     def only_user(tensor: str) -> _OnnxNode | None:
