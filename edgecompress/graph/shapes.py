@@ -5,7 +5,7 @@ Exporters write dynamic batch and spatial dims (paddle2onnx: ``p2o.DynamicDimens
 (``1x3x48x192`` for a one-input file, ``input=1x512,state=2x1x128`` for several), else a dynamic batch becomes 1
 and any other dynamic dim must be given. Shapes are then inferred with onnxruntime's symbolic shape
 inference, which follows ``Shape -> Gather -> Concat -> Reshape`` computations that ONNX's own inference
-leaves unknown. On the test corpus with fixed inputs it reached every weight node's input in all 11 files,
+leaves unknown; ONNX's fills what it leaves open (a ``OneHot`` depth read from an initializer). On the test corpus with fixed inputs it reached every weight node's input in all 11 files,
 ONNX's (with data propagation) missed some in 4 (bert, silero, two PaddleOCR files). ONNX's inference is the
 fallback when the symbolic one raises (it asserts on PaddleOCR's classifier); the fixed copy's ``Shape``
 computations are folded to constants first, so that either reaches the layers behind a computed Reshape.
@@ -95,11 +95,20 @@ def infer(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     inference; where it raises, again on a copy whose ``Shape`` computations are folded to constants
     (onnxscript), and ONNX's inference on that copy for what is still unknown."""
     found = _symbolic(model)
-    if found is not None:
-        return found
-    folded = _folded(model)
-    found = _symbolic(folded) or {}
-    return {**_static(onnx.shape_inference.infer_shapes(folded, data_prop=True)), **found}
+    if found is None:
+        model = _folded(model)
+        found = _symbolic(model) or {}
+    return {**_onnx_inferred(model), **found}
+
+
+def _onnx_inferred(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """ONNX's own inference, with data propagation: it fills what the symbolic one leaves open, such as the
+    depth of a ``OneHot`` read from an initializer (tf2onnx's Keras models, magika's among them)."""
+    try:
+        return _static(onnx.shape_inference.infer_shapes(model, data_prop=True))
+    except Exception as exc:
+        log.info("ONNX shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return {}
 
 
 def _symbolic(model: onnx.ModelProto) -> dict[str, tuple[int, ...]] | None:

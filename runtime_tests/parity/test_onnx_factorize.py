@@ -91,6 +91,36 @@ def test_gemm_alpha_beta_and_untransposed_weight_are_folded(tmp_path):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def test_a_matmul_behind_a_one_hot_and_a_computed_reshape_is_found_and_factorized():
+    """tf2onnx's Keras Dense as Magika writes it: OneHot (its depth an initializer) -> Reshape to [-1, depth]
+    -> MatMul -> Reshape back to a shape computed from ``Shape``, with a dynamic batch. onnxruntime's symbolic
+    inference leaves the depth open; ONNX's own fills it in, so the MatMul's input shape is known."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((9, 4)) @ rng.standard_normal((4, 16))).astype(np.float32)  # rank 4
+    nodes = [helper.make_node("Cast", ["bytes"], ["ints"], to=TensorProto.INT32),
+             helper.make_node("OneHot", ["ints", "depth", "values"], ["hot"], axis=-1),
+             helper.make_node("Shape", ["hot"], ["shape"]),
+             helper.make_node("Gather", ["shape", "free"], ["lead"], axis=0),
+             helper.make_node("Concat", ["lead", "width"], ["back"], axis=0),
+             helper.make_node("Reshape", ["hot", "rows"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "W"], ["mm"], name="dense/MatMul"),
+             helper.make_node("Reshape", ["mm", "back"], ["y"])]
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("depth", np.array([9], np.int32)), ("values", np.array([0, 1], np.float32)),
+        ("free", np.array([0, 1], np.int64)), ("width", np.array([16], np.int64)),
+        ("rows", np.array([-1, 9], np.int64)), ("W", w))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("bytes", TensorProto.FLOAT, ["N", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    factorized, report = factorize_onnx(model, FactorizeConfig(method="svd", rank=4, rank_multiple=1))
+    (record,) = report.layers
+    assert record.method == "svd" and record.ranks == [4] and record.rel_error < 1e-5
+    x = rng.integers(0, 9, (3, 12)).astype(np.float32)  # a batch of 3: the dynamic batch is kept
+    expected = np.eye(9, dtype=np.float32)[x.astype(int)] @ w
+    (got,) = runtime.make_session(factorized).run(None, {"bytes": x})
+    assert got.shape == (3, 12, 16) and np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
 def test_tt_factorizes_an_onnx_file_at_its_fixed_shape(tmp_path):
     """TT chains bake the input shape in: on a file with a dynamic batch the written file is fixed, and says so."""
     dense, out = tmp_path / "dense.onnx", tmp_path / "tt.onnx"
