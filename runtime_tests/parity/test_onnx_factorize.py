@@ -121,6 +121,21 @@ def test_a_matmul_behind_a_one_hot_and_a_computed_reshape_is_found_and_factorize
     assert got.shape == (3, 12, 16) and np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def test_reading_below_opset_14_writes_no_allowzero():
+    """onnxscript's rewrites write Reshape's ``allowzero`` (opset 14) into any file, and the checker refuses it
+    below opset 14: ``allowzero=0``, what Reshape always did, is dropped. (A rewrite the checker still refuses,
+    on a file it takes, falls back to the file as it was: ddddocr 1.5.6's opset-12 OCR model.)"""
+    from edgecompress.graph.normalize import normalize
+
+    reshape = helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=0)
+    graph = helper.make_graph([reshape], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+                              [numpy_helper.from_array(np.array([3, 4], np.int64), "shape")])
+    read, note = normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]))
+    assert note.startswith("onnxscript optimizer") and not read.graph.node[0].attribute
+    onnx.checker.check_model(read)
+
+
 def test_tt_factorizes_an_onnx_file_at_its_fixed_shape(tmp_path):
     """TT chains bake the input shape in: on a file with a dynamic batch the written file is fixed, and says so."""
     dense, out = tmp_path / "dense.onnx", tmp_path / "tt.onnx"
@@ -156,6 +171,14 @@ def test_cli_exports_an_onnx_file_and_refuses_what_does_not_apply(tmp_path):
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
+        assert not target.exists()
+    int8 = tmp_path / "int8.onnx"  # an int8 file has no float layer to factorize: one line says so
+    assert runner.invoke(main, ["quantize", str(out), "--int8", "--mode", "dynamic", "-o", str(int8)]).exit_code == 0
+    for command in ("export", "plan"):
+        target = tmp_path / "refused.onnx"
+        result = runner.invoke(main, [command, str(int8), "--method", "svd", *(["-o", str(target)] if command == "export" else [])])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and "the model is already quantized (it has" in lines[0], lines
         assert not target.exists()
 
 
