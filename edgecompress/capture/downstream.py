@@ -1,23 +1,28 @@
-"""What a layer's output goes through before the next layer: whether it feeds a piecewise activation.
+"""What a layer's output goes through before the next layer: whether it feeds an activation.
 
 A layer whose output ``y`` goes on as ``act(scale * y + shift)`` (per output channel: a plain activation has
-scale 1 and shift 0, an affine BatchNormalization between the two gives its own) needs its chain to match the
-activated outputs, not the pre-activations: a negative pre-activation a ReLU drops can be missed by any amount.
-``reconstruct.refit_last_`` fits that (Zhang, Zou, He, Sun, TPAMI 2016, "nonlinear" case). The activations
-are the piecewise ones mobile nets use (``Activation``): ReLU and LeakyReLU (tf2onnx's speech embedding: 0.2),
-ReLU6 and other clips (MobileNetV2), HardSigmoid and HardSwish (MobileNetV3, PaddlePaddle's PP-LCNet).
+scale 1 and shift 0, an affine BatchNormalization between the two gives its own, a bias added after the layer
+a shift) needs its chain to match the activated outputs, not the pre-activations: a negative pre-activation a
+ReLU drops can be missed by any amount. ``reconstruct.refit_last_`` fits that (Zhang, Zou, He, Sun, TPAMI
+2016, "nonlinear" case). The activations (``Activation``) are the piecewise ones mobile nets use: ReLU and
+LeakyReLU (tf2onnx's speech embedding: 0.2), ReLU6 and other clips (MobileNetV2), HardSigmoid and HardSwish
+(MobileNetV3, PaddlePaddle's PP-LCNet); and the smooth ones: GELU (Transformers, Magika), SiLU (EfficientNet,
+YOLO), Mish.
 
 Found from the graph, never guessed: torch.fx traces a PyTorch model (a model it cannot trace gets none and
-says so in the log), and an ONNX file's nodes say it directly, also where an exporter spelled HardSwish out
-(PaddlePaddle: ``x * Clip(x + 3, 0, 6) / 6``; torch before opset 14: ``x * HardSigmoid(x)``). One
-``Downstream`` per layer name, for both.
+says so in the log). In an ONNX file the element-wise nodes after a layer are run on a grid of values and
+named by what they compute, however an exporter spelled the activation (PaddlePaddle's HardSwish
+``x * Clip(x + 3, 0, 6) / 6``, torch's ``x * HardSigmoid(x)`` before opset 14, GELU through ``Erf``, SiLU
+as ``x * Sigmoid(x)``). One ``Downstream`` per layer name, for both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -46,13 +51,17 @@ class Piece:
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
-    """A continuous piecewise activation, by its pieces in order (``relu``, ``clip``, ``hard_sigmoid``,
-    ``hard_swish`` make them)."""
+    """An activation: continuous piecewise, by its pieces in order (``relu``, ``clip``, ``hard_sigmoid``,
+    ``hard_swish`` make them), or ``smooth``, a torch function of one tensor (``gelu``, ``silu``, ``mish``): the
+    refit measures through those but does not fit through them (``reconstruct.fits_through``)."""
 
     name: str
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Piece, ...] = ()
+    smooth: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            return self.smooth(v)
         out = self.pieces[-1](v)
         for piece in reversed(self.pieces[:-1]):
             out = torch.where(v < piece.high, piece(v), out)
@@ -61,7 +70,7 @@ class Activation:
     @property
     def slope(self) -> float:
         """The negative side's slope of a ReLU or LeakyReLU (0 for every other activation)."""
-        return self.pieces[0].slope
+        return self.pieces[0].slope if self.pieces else 0.0
 
 
 INF = math.inf
@@ -87,10 +96,26 @@ def hard_swish() -> Activation:
     return Activation("HardSwish", (Piece(-INF, -3.0), Piece(-3.0, 3.0, quadratic=True), Piece(3.0, INF, 1.0)))
 
 
+def gelu(approximate: str = "none") -> Activation:
+    """``v * Phi(v)`` (Transformers, Magika), or its tanh approximation."""
+    name = "GELU" if approximate == "none" else "GELU(tanh)"
+    return Activation(name, smooth=functools.partial(F.gelu, approximate=approximate))
+
+
+def silu() -> Activation:
+    """``v * sigmoid(v)`` (Swish: EfficientNet, YOLOv5 and later)."""
+    return Activation("SiLU", smooth=F.silu)
+
+
+def mish() -> Activation:
+    """``v * tanh(softplus(v))`` (YOLOv4)."""
+    return Activation("Mish", smooth=F.mish)
+
+
 @dataclasses.dataclass
 class Rectifier:
     """``activation(scale * y + shift)`` follows the layer's output ``y``; ``scale``/``shift`` are ``[O]`` or
-    None (no BatchNorm between)."""
+    None (no BatchNorm between; a shift alone: a bias added after the layer)."""
 
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
@@ -101,7 +126,8 @@ class Rectifier:
         return self.activation.slope
 
     def describe(self) -> str:
-        return self.activation.name if self.scale is None else f"BatchNorm + {self.activation.name}"
+        between = "BatchNorm + " if self.scale is not None else "bias + " if self.shift is not None else ""
+        return between + self.activation.name
 
 
 def _number(value) -> float | None:
@@ -117,13 +143,17 @@ def _leaky(slope) -> Activation | None:
     return relu(slope) if slope is not None and 0 <= slope < 1 else None
 
 
+def _gelu(approximate) -> Activation | None:
+    return gelu(approximate) if approximate in ("none", "tanh") else None
+
+
 def _clip(low, high) -> Activation | None:
     low, high = _number(low), _number(high)
     return clip(low, high) if low is not None and high is not None and low < high else None
 
 
 _FUNCTIONS = {F.relu: relu, torch.relu: relu, torch.relu_: relu, F.relu6: lambda: clip(0.0, 6.0),
-              F.hardsigmoid: hard_sigmoid, F.hardswish: hard_swish}
+              F.hardsigmoid: hard_sigmoid, F.hardswish: hard_swish, F.silu: silu, F.mish: mish}
 _LEAKY_FUNCTIONS = (F.leaky_relu, F.leaky_relu_)
 _HARDTANH_FUNCTIONS = (F.hardtanh, F.hardtanh_)
 _LEAKY_DEFAULT = 0.01  # torch's and ONNX's default negative slope
@@ -136,6 +166,8 @@ def _torch_activation(model: nn.Module, node) -> Activation | None:
             return _leaky(_argument(node, 1, "negative_slope", _LEAKY_DEFAULT))
         if node.target in _HARDTANH_FUNCTIONS:
             return _clip(_argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0))
+        if node.target is F.gelu:
+            return _gelu(node.kwargs.get("approximate", "none"))
         make = _FUNCTIONS.get(node.target)
         return make() if make is not None else None
     if node.op == "call_method":
@@ -153,6 +185,12 @@ def _torch_activation(model: nn.Module, node) -> Activation | None:
         return hard_sigmoid()
     if isinstance(module, nn.Hardswish):
         return hard_swish()
+    if isinstance(module, nn.GELU):
+        return _gelu(module.approximate)
+    if isinstance(module, nn.SiLU):
+        return silu()
+    if isinstance(module, nn.Mish):
+        return mish()
     return None
 
 
@@ -230,144 +268,173 @@ def torch_downstream(model: nn.Module, names: list[str]) -> dict[str, Downstream
     return found
 
 
-class _OnnxNode:
-    def __init__(self, node, users):
-        self.node, self.users = node, users
-
-    def next(self):
-        return self.users(self.node.output[0])
+def _scalar(constants: dict[str, np.ndarray], tensor: str) -> bool:
+    return tensor in constants and constants[tensor].size == 1
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+# the element-wise ops exporters spell activations with; a region of them after a layer, fed by its output and
+# scalar constants alone, is run on ``_GRID`` (onnx's reference evaluator) and named by what it computes
+_ELEMENTWISE = frozenset({"Abs", "Add", "Clip", "Div", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish",
+                          "Identity", "LeakyRelu", "Log", "Max", "Min", "Mish", "Mul", "Neg", "Pow", "Reciprocal",
+                          "Relu", "Sigmoid", "Softplus", "Sqrt", "Sub", "Tanh"})
+_REGION = 12  # nodes at most: GELU spelled with its tanh takes 8
+_GRID = np.concatenate([np.linspace(-12, 12, 2401), [-40.0, 40.0]])  # a Clip's bounds from the ends
+_TOLERANCE = 1e-5  # relative, on float32 values: GELU and its tanh approximation differ by up to 5e-4
 
 
-def _scalar(constants: dict[str, np.ndarray], tensor: str) -> float | None:
-    value = constants.get(tensor)
-    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+def _round(value: float) -> float:
+    return float(f"{value:.6g}")
 
 
-def _clip_bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[float | None, float | None]:
-    """A Clip's (min, max): attributes before opset 11, constant inputs after; None where absent."""
-    if len(node.input) <= 1:
-        return _attribute(node, "min", None), _attribute(node, "max", None)
-
-    def bound(k: int) -> float | None:
-        return _scalar(constants, node.input[k]) if len(node.input) > k and node.input[k] else None
-
-    return bound(1), bound(2)
-
-
-def _onnx_activation(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> Activation | None:
-    """The piecewise activation an ONNX node applies, if it is one."""
-    if node.op_type == "Relu":
-        return relu()
-    if node.op_type == "LeakyRelu":
-        return _leaky(_attribute(node, "alpha", _LEAKY_DEFAULT))
-    if node.op_type == "Clip":
-        low, high = _clip_bounds(node, constants)
-        return relu() if low == 0 and high is None else _clip(low, high)
-    if node.op_type == "HardSigmoid":
-        alpha, beta = _attribute(node, "alpha", 0.2), _attribute(node, "beta", 0.5)
-        return hard_sigmoid(alpha, beta) if alpha > 0 else None
-    if node.op_type == "HardSwish":
-        return hard_swish()
+def _named(values: np.ndarray) -> Activation | None:
+    """The known activation whose values on ``_GRID`` are ``values``, if any (its parameters read from them)."""
+    at = dict(zip(_GRID.tolist(), values.astype(np.float64).tolist()))
+    candidates = [_leaky(_round(-at[-1.0])), _clip(_round(at[-40.0]), _round(at[40.0])), hard_swish(), gelu(),
+                  gelu("tanh"), silu(), mish()]
+    alpha, beta = _round(at[0.5] - at[-0.5]), _round(at[0.0])
+    if alpha > 0:
+        candidates.insert(2, hard_sigmoid(alpha, beta))
+    grid = torch.from_numpy(_GRID)
+    for act in filter(None, candidates):
+        expected = act(grid).numpy()
+        if np.all(np.abs(values - expected) <= _TOLERANCE * np.maximum(1.0, np.abs(expected))):
+            return act
     return None
 
 
-def _close(value: float | None, expected: float) -> bool:
-    return value is not None and abs(value - expected) <= 1e-6 * max(1.0, abs(expected))
+def _run_region(nodes: list[onnx.NodeProto], x: str, out: str, constants: dict[str, np.ndarray],
+                opsets) -> np.ndarray | None:
+    """``nodes``' output ``out`` with ``x`` on ``_GRID`` (in the constants' float type), or None where they do
+    not run."""
+    from onnx.reference import ReferenceEvaluator
 
-
-def _spelled_hard_swish(graph: onnx.GraphProto, consumers: dict[str, list[onnx.NodeProto]],
-                        constants: dict[str, np.ndarray]) -> dict[str, onnx.NodeProto]:
-    """HardSwish as exporters spell it out, by input tensor -> a stand-in ``HardSwish`` node from that tensor to
-    the spelled-out form's output: ``Mul(x, Clip(Add(x, 3), 0, 6))`` then ``Div`` by 6 or ``Mul`` by 1/6
-    (PaddlePaddle), or ``Mul(x, HardSigmoid(x; 1/6, 0.5))`` (torch before opset 14). ``x`` must feed nothing
-    else."""
-    producers = {o: n for n in graph.node for o in n.output}
-
-    def operand(node: onnx.NodeProto, tensor: str) -> float | None:
-        """The other input of a binary node, where it is a constant scalar."""
-        others = [t for t in node.input if t != tensor]
-        return _scalar(constants, others[0]) if len(node.input) == 2 and len(others) == 1 else None
-
-    def gate(x: str, tensor: str) -> tuple[onnx.NodeProto, bool] | None:
-        """The node that reads ``x`` to make the gate ``tensor``, and whether the product is still to be
-        divided by 6."""
-        node = producers.get(tensor)
-        if node is None:
-            return None
-        if node.op_type == "HardSigmoid" and node.input[0] == x:
-            usual = _close(_attribute(node, "alpha", 0.2), 1 / 6) and _close(_attribute(node, "beta", 0.5), 0.5)
-            return (node, False) if usual else None
-        if node.op_type == "Clip" and _clip_bounds(node, constants) == (0.0, 6.0):
-            add = producers.get(node.input[0])
-            if add is not None and add.op_type == "Add" and x in add.input and _close(operand(add, x), 3.0):
-                return add, True
+    made = {o for n in nodes for o in n.output}
+    used = sorted({t for n in nodes for t in n.input if t and t != x and t not in made})
+    floats = [constants[t].dtype for t in used if constants[t].dtype.kind == "f"]
+    dtype = floats[0] if floats else np.dtype(np.float32)
+    kind = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    graph = onnx.helper.make_graph(nodes, "activation", [onnx.helper.make_tensor_value_info(x, kind, [len(_GRID)])],
+                                   [onnx.helper.make_tensor_value_info(out, kind, None)],
+                                   [numpy_helper.from_array(constants[t], t) for t in used])
+    try:
+        with np.errstate(all="ignore"):  # the reference Sigmoid's exp overflows at -40 in float32, harmlessly
+            values = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=opsets)).run(
+                None, {x: _GRID.astype(dtype)})[0]
+    except Exception as exc:  # an op the reference evaluator lacks at this opset: no activation known
+        log.debug("the element-wise nodes after %s do not run alone (%s)", x, exc)
         return None
+    return np.asarray(values, np.float64) if np.shape(values) == _GRID.shape else None
 
-    def divided(tensor: str) -> str | None:
-        """The output of the only user of ``tensor`` where it divides by 6 (or multiplies by 1/6)."""
-        users = consumers.get(tensor, [])
-        if len(users) != 1:
-            return None
-        node = users[0]
-        by_six = (node.op_type == "Div" and node.input[0] == tensor and _close(_scalar(constants, node.input[1]), 6.0)
-                  or node.op_type == "Mul" and _close(operand(node, tensor), 1 / 6))
-        return node.output[0] if by_six else None
 
-    found = {}
-    for mul in graph.node:
-        if mul.op_type != "Mul" or len(mul.input) != 2:
+def _activation_after(x: str, graph: onnx.GraphProto, consumers: dict[str, list[onnx.NodeProto]],
+                      constants: dict[str, np.ndarray], ends: set[str], opsets) -> Activation | None:
+    """The activation that the element-wise nodes after ``x`` compute of it (with scalar constants), however an
+    exporter spelled it (``HardSwish``, or ``x * Clip(x + 3, 0, 6) / 6``; ``Gelu``, or ``x * 0.5 * (1 +
+    Erf(x / sqrt 2))``; ``x * Sigmoid(x)``): the first tensor of them that all of them before it feed alone,
+    and that a known activation computes. ``ends``: the graph outputs, which nothing may read but their own."""
+    known, region = {x}, []
+    for node in graph.node:  # in topological order
+        if len(region) == _REGION:
+            break
+        if (node.op_type in _ELEMENTWISE and any(t in known for t in node.input)
+                and all(not t or t in known or _scalar(constants, t) for t in node.input)):
+            region.append(node)
+            known.update(node.output)
+    for k, node in enumerate(region):
+        out = node.output[0]
+        needed, wanted = [], {out}
+        for n in reversed(region[:k + 1]):  # the nodes ``out`` is made of
+            if wanted & set(n.output):
+                needed.insert(0, n)
+                wanted.update(n.input)
+        inside = {id(n) for n in needed}
+        inner = ({x} | {o for n in needed for o in n.output}) - {out}
+        if any(t in ends or any(id(u) not in inside for u in consumers.get(t, [])) for t in inner):
             continue
-        for x, tensor in (mul.input, mul.input[::-1]):
-            made = gate(x, tensor)
-            if made is None or {id(n) for n in consumers.get(x, [])} != {id(mul), id(made[0])}:
-                continue
-            output = divided(mul.output[0]) if made[1] else mul.output[0]
-            if output is not None:
-                found[x] = onnx.helper.make_node("HardSwish", [x], [output])
-                break
-    return found
+        values = _run_region(needed, x, out, constants, opsets)
+        if values is not None and (act := _named(values)) is not None:
+            return act
+    return None
 
 
-def onnx_downstream(model: onnx.ModelProto, outputs: dict[str, str]) -> dict[str, Downstream]:
-    """For the layers (name -> output tensor), what their outputs go through (``Downstream``): the nodes say."""
+def onnx_downstream(model: onnx.ModelProto, outputs: dict[str, str],
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Downstream]:
+    """For the layers (name -> output tensor), what their outputs go through (``Downstream``): the nodes say.
+    Between the layer and its activation: Identity, Dropout, a Reshape that keeps each value's channel (from
+    ``shapes``), a BatchNormalization, and an Add of a constant channel vector (Tensordot's bias, after its
+    Reshape)."""
     from edgecompress.graph.read import constants as tensors  # here: graph imports capture
 
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for tensor in node.input:
             consumers.setdefault(tensor, []).append(node)
-    graph_outputs = {o.name for o in model.graph.output}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    ends = {o.name for o in model.graph.output}
     constants = {name: numpy_helper.to_array(t) for name, t in tensors(model).items()}
-    spelled = _spelled_hard_swish(model.graph, consumers, constants)
+    shapes = shapes or {}
 
-    def only_user(tensor: str) -> _OnnxNode | None:
+    def single(tensor: str) -> onnx.NodeProto | None:
         users = consumers.get(tensor, [])
-        while len(users) == 1 and users[0].op_type in ("Identity", "Dropout") and tensor not in graph_outputs:
-            tensor = users[0].output[0]
-            users = consumers.get(tensor, [])
-        if tensor in spelled and tensor not in graph_outputs:
-            return _OnnxNode(spelled[tensor], only_user)
-        return _OnnxNode(users[0], only_user) if len(users) == 1 and tensor not in graph_outputs else None
+        return users[0] if len(users) == 1 and tensor not in ends else None
 
-    def batchnorm(n: _OnnxNode):
-        node = n.node
+    def channel_axis(tensor: str) -> int:
+        node = producers.get(tensor)
+        while node is not None and node.op_type == "Add":  # a MatMul's bias
+            node = next((producers[t] for t in node.input if t in producers), None)
+        return 1 if node is not None and node.op_type in ("Conv", "ConvTranspose") else -1
+
+    def keeps_channels(a: str, b: str, axis: int) -> bool:
+        sa, sb = shapes.get(a), shapes.get(b)
+        if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+            return False
+        return sa[-1] == sb[-1] if axis == -1 else tuple(sa[:2]) == tuple(sb[:2])
+
+    def channel_vector(node: onnx.NodeProto, tensor: str, axis: int) -> np.ndarray | None:
+        """The constant an Add adds to ``tensor``, where it is one value per channel."""
+        other = [t for t in node.input if t != tensor]
+        shape = shapes.get(tensor)
+        if len(node.input) != 2 or len(other) != 1 or other[0] not in constants or shape is None:
+            return None
+        value = constants[other[0]]
+        padded = (1,) * (len(shape) - value.ndim) + value.shape
+        channel = len(shape) + axis if axis < 0 else axis
+        ones = all(d == 1 for k, d in enumerate(padded) if k != channel)
+        return value.reshape(-1).astype(np.float64) if len(padded) == len(shape) and ones and \
+            padded[channel] == shape[channel] else None
+
+    def batchnorm(node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
         if node.op_type != "BatchNormalization" or not all(t in constants for t in node.input[1:5]):
             return None
         gamma, beta, mean, var = (constants[t].astype(np.float64) for t in node.input[1:5])
-        eps = _attribute(node, "epsilon", 1e-5)
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         scale = gamma / np.sqrt(var + eps)
-        return torch.from_numpy(scale).float(), torch.from_numpy(beta - mean * scale).float(), n.next()
+        return scale, beta - mean * scale
 
     found = {}
     for name, tensor in outputs.items():
-        down = _walk(only_user(tensor), lambda n: _onnx_activation(n.node, constants), batchnorm)
-        if down:
-            found[name] = down
+        if tensor in ends:
+            continue
+        axis, scale, shift = channel_axis(tensor), None, None
+        for _ in range(6):  # the nodes between the layer and its activation
+            node = single(tensor)
+            if node is None:
+                break
+            if node.op_type in ("Identity", "Dropout") or node.op_type == "Reshape" and keeps_channels(
+                    tensor, node.output[0], axis):
+                tensor = node.output[0]
+            elif (norm := batchnorm(node)) is not None:
+                s, b = norm
+                scale = s if scale is None else scale * s
+                shift = b if shift is None else shift * s + b
+                tensor = node.output[0]
+            elif node.op_type == "Add" and (bias := channel_vector(node, tensor, axis)) is not None:
+                shift = bias if shift is None else shift + bias
+                tensor = node.output[0]
+            else:
+                break
+        act = _activation_after(tensor, model.graph, consumers, constants, ends, model.opset_import)
+        if act is not None:
+            as_torch = (lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float64)).float())
+            found[name] = Downstream(Rectifier(as_torch(scale), as_torch(shift), act))
     return found

@@ -164,7 +164,7 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
     alpha = min(SHRINKAGE, key=left_out_error) if len(parts) > 1 else DEFAULT_SHRINKAGE
     solution = solve(alpha, gram, cross)
     result = Refit(alpha)
-    if inputs.downstream is not None and inputs.downstream.rectifier is not None:
+    if fits_through(inputs.downstream):
         held_targets = inputs.held_targets if inputs.held_targets is not None else [layer(x) for x in inputs.held_dense]
         rectified = _Rectified(last, prefix, inputs, g, bias, targets, held_targets)
         # a step the linear refit left alone may still move: the rectified fit gets at least this much room
@@ -178,6 +178,14 @@ def refit_last_(chain: FactorizedLayer, layer: nn.Module, inputs: LayerInputs) -
     if bias:
         last.bias.copy_(solution[:, f].reshape(-1).to(last.bias.dtype))
     return result
+
+
+def fits_through(downstream) -> bool:
+    """Whether the last step is fitted through the activation ``downstream`` names: a piecewise one. A smooth
+    one (GELU, SiLU) is measured through, not fitted through: a Newton z-step made the fit 3-9x slower for
+    nothing measured (Magika svd 2x/4x 99.71%/84.12% -> 99.71%/84.41%, 1 to 3 of its 3 layers kept it;
+    ddddocr's YOLO detector, 0 to 3 of 74 SiLU layers, the same whole-model error, 120 s -> 172-286 s)."""
+    return downstream is not None and downstream.rectifier is not None and bool(downstream.rectifier.activation.pieces)
 
 
 # the rectified fit (Zhang et al. 2016, section 3.2): min ||act(t) - act(z)||^2 + lam ||z - H theta||^2 by
@@ -367,7 +375,9 @@ def rectified(rectifier, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     shape = [1] * y.dim()
     shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
     if rectifier.scale is not None:
-        y = y * rectifier.scale.reshape(shape).to(y.dtype) + rectifier.shift.reshape(shape).to(y.dtype)
+        y = y * rectifier.scale.reshape(shape).to(y.dtype)
+    if rectifier.shift is not None:
+        y = y + rectifier.shift.reshape(shape).to(y.dtype)
     return rectifier.activation(y)
 
 

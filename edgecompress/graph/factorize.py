@@ -117,7 +117,7 @@ def factorize_onnx(model: onnx.ModelProto | Prepared, config: FactorizeConfig, o
     def put(proto: onnx.ModelProto, name: str, chain: nn.Module) -> None:  # the layer's chain spliced into proto
         splice(proto, sites[name], name, chain, known_shape(prepared.shapes, sites[name]), opset)
 
-    capture = _capture(base, sites, calib, put, sequential) if calib is not None else None
+    capture = _capture(base, sites, calib, put, sequential, prepared.shapes) if calib is not None else None
     whole = None
     if judge is not None or "latency" in dict(config.targets):
         from edgecompress.plan.whole import onnx_whole
@@ -163,7 +163,7 @@ def _count_macs(report: FactorizeReport, root: nn.Module, sites: dict[str, Site]
                                  if record.method != "dense" else before[record.name])
 
 
-def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, put: Callable, sequential: bool):
+def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, put: Callable, sequential: bool, shapes: dict):
     """An ``OnnxCapture`` of ``model``'s weight layers whose ``replace`` splices a layer's chain in (``put``)."""
     from edgecompress.capture import OnnxCapture
     from edgecompress.capture.downstream import onnx_downstream
@@ -175,7 +175,7 @@ def _capture(model: onnx.ModelProto, sites: dict[str, Site], calib, put: Callabl
         return new
 
     return OnnxCapture(model, {name: site.input for name, site in sites.items()}, calib, with_chain, sequential,
-                       downstream=onnx_downstream(model, {name: site.output for name, site in sites.items()}))
+                       downstream=onnx_downstream(model, {name: site.output for name, site in sites.items()}, shapes))
 
 
 def _layers_ms(model: onnx.ModelProto, config, prepared: Prepared) -> dict[str, float]:

@@ -266,3 +266,102 @@ def test_the_z_step_is_each_values_least_cost():
             cost = (target - act(z)).pow(2) + lam * (z - u).pow(2)
             best = ((target[:, None] - values).pow(2) + lam * (grid - u[:, None]).pow(2)).min(1).values
             assert bool((cost <= best + 1e-9).all()), (act.name, lam, float((cost - best).max()))
+
+
+def test_a_layer_feeding_a_gelu_is_measured_through_it_and_fitted_linearly(relu_net):
+    """The stack with a GELU after the BatchNorm: the record tells the error after the GELU, what the next
+    layer sees, and the last step is refit linearly."""
+    import copy
+
+    from edgecompress.factorize import FactorizeConfig, factorize
+
+    net, calib, x = relu_net
+    net = copy.deepcopy(net)
+    net[4] = nn.GELU()
+    aware, report = factorize(net, FactorizeConfig(method="svd", ratio=4, include=("2",)), calib=calib)
+    (record,) = report.factorized
+    assert "last step refit (shrinkage" in record.fit and "GELU" not in record.fit
+    with torch.no_grad():
+        dense = net[:5](x)
+        seen = float((aware[:5](x) - dense).norm() / dense.norm())
+    assert record.output_error_after_activation is not None
+    assert 0.3 * seen < record.output_error_after_activation < 3 * seen  # the held-out samples are other ones
+
+
+def test_the_smooth_activations_are_found_in_torch():
+    class Smooth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d, self.e = (nn.Linear(4, 4) for _ in range(5))
+            self.gelu, self.silu, self.mish = nn.GELU(), nn.SiLU(), nn.Mish()
+
+        def forward(self, x):
+            x = self.gelu(self.a(x)) + F.gelu(self.b(x), approximate="tanh")
+            return self.silu(self.c(x)) + F.silu(self.d(x)) + self.mish(self.e(x))
+
+    found = torch_downstream(Smooth(), list("abcde"))
+    assert {n: d.rectifier.describe() for n, d in found.items()} == {
+        "a": "GELU", "b": "GELU(tanh)", "c": "SiLU", "d": "SiLU", "e": "Mish"}
+
+
+def _smooth_spelled() -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """Five layers, each feeding a smooth activation as an exporter writes it: torch's GELU before opset 20
+    (``x * 0.5 * (1 + Erf(x / sqrt 2))``, as Div/Erf/Add/Mul/Mul), tf2onnx's (Magika: ``0.5 * x`` times
+    ``1 + Erf(x * (1 / sqrt 2))``, after a Tensordot's Reshape and bias Add), the ``Gelu`` op, SiLU
+    (``x * Sigmoid(x)``), and a SiLU whose ``x`` also feeds the graph's last Add: that one is nothing. Returns
+    the model and, per layer, (its output, the activation's output)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), f"w{k}") for k in range(4)]
+    inits += [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "wm"),
+              numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bias"),
+              numpy_helper.from_array(np.array([1, 2, 2, 4], np.int64), "back"),
+              numpy_helper.from_array(np.array([4, 4], np.int64), "rows")]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n)
+              for n, v in (("sqrt2", 2 ** 0.5), ("one", 1.0), ("half", 0.5), ("rsqrt2", 2 ** -0.5))]
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "w0"], ["y0"], name="torch"),
+             node("Div", ["y0", "sqrt2"], ["d0"]), node("Erf", ["d0"], ["e0"]), node("Add", ["e0", "one"], ["a0"]),
+             node("Mul", ["y0", "a0"], ["m0"]), node("Mul", ["m0", "half"], ["g0"]),
+             # tf2onnx: NCHW -> rows of 4 channels (a Tensordot), the bias after the Reshape back
+             node("Transpose", ["g0"], ["t1"], perm=[0, 2, 3, 1]), node("Reshape", ["t1", "rows"], ["r1"]),
+             node("MatMul", ["r1", "wm"], ["y1"], name="tensordot"), node("Reshape", ["y1", "back"], ["s1"]),
+             node("Add", ["s1", "bias"], ["b1"]),
+             node("Mul", ["half", "b1"], ["h1"]), node("Mul", ["b1", "rsqrt2"], ["d1"]), node("Erf", ["d1"], ["e1"]),
+             node("Add", ["one", "e1"], ["a1"]), node("Mul", ["h1", "a1"], ["g1"]),
+             node("Transpose", ["g1"], ["q1"], perm=[0, 3, 1, 2]),
+             node("Conv", ["q1", "w1"], ["y2"], name="gelu_op"), node("Gelu", ["y2"], ["g2"]),
+             node("Conv", ["g2", "w2"], ["y3"], name="silu"), node("Sigmoid", ["y3"], ["s3"]),
+             node("Mul", ["y3", "s3"], ["g3"]),
+             node("Conv", ["g3", "w3"], ["y4"], name="shared"), node("Sigmoid", ["y4"], ["s4"]),
+             node("Mul", ["s4", "y4"], ["g4"]), node("Add", ["g4", "y4"], ["out"])]
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+                              [info("out", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return model, {"torch": ("y0", "g0"), "tensordot": ("y1", "g1"), "gelu_op": ("y2", "g2"), "silu": ("y3", "g3"),
+                   "shared": ("y4", "g4")}
+
+
+def test_a_smooth_activation_however_spelled_is_found_in_onnx_with_the_bias_before_it():
+    import onnxruntime as ort
+
+    from edgecompress.graph import shapes as graph_shapes
+
+    model, tensors = _smooth_spelled()
+    onnx.checker.check_model(model)
+    found = onnx_downstream(model, {n: t[0] for n, t in tensors.items()}, graph_shapes.infer(model))
+    assert {n: d.rectifier.describe() for n, d in found.items()} == {
+        "torch": "GELU", "tensordot": "bias + GELU", "gelu_op": "GELU", "silu": "SiLU"}
+    # without shapes, the Reshape between the MatMul and its bias is not known to keep the channels
+    assert "tensordot" not in onnx_downstream(model, {"tensordot": "y1"})
+    # the activation with its bias computes what the nodes do
+    names = [t for pair in tensors.values() for t in pair]
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in names)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((1, 4, 2, 2)).astype(np.float32) * 3
+    values = dict(zip(names, session.run(names, {"x": x})))
+    for name, down in found.items():
+        pre, post = tensors[name]
+        shift = 0.0 if down.rectifier.shift is None else down.rectifier.shift.numpy()
+        got = down.rectifier.activation(torch.from_numpy(values[pre] + shift)).numpy()
+        np.testing.assert_allclose(got.reshape(values[post].shape), values[post], rtol=1e-5, atol=1e-5)
