@@ -40,6 +40,20 @@ def _probe(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def new_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """``path``, a folder the work inside writes into: removed again when the work fails before writing
+    anything there, so a bad input leaves no empty output folder behind (one that was there stays)."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield path
+    except BaseException:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = ensure_writable(path)

@@ -151,10 +151,18 @@ class Progress:
 def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config: RunConfig = RunConfig(),
         data: RunData | str | Path | None = None, weights: str | Path | None = None,
         input_shape: str | tuple[int, ...] | None = None, input_dtype: str | None = None,
-        progress: Progress | None = None) -> Report:
+        progress: Progress | None = None, calib: str | Path | None = None) -> Report:
     """Run the whole pipeline on ``model`` (a zoo name, a factory path, a LoadedModel, or an nn.Module
     with ``input_shape``; None: the bundled digits model with its held-out set) and write the report
-    files into ``out_dir``. ``data`` is a RunData or an .npz path (see ``edgecompress.data``)."""
+    files into ``out_dir``. ``data`` is a RunData or an .npz path (see ``edgecompress.data``). ``calib``
+    (an .npz or a folder, as ``export --calib`` reads it) is what the factors are fitted to and int8 is
+    calibrated on, instead of the data's train part. Bad input fails before any work and leaves no output
+    folder behind that was not there before."""
+    with io.new_folder(out_dir):
+        return _run(model, out_dir, config, data, weights, input_shape, input_dtype, progress, calib)
+
+
+def _run(model, out_dir, config, data, weights, input_shape, input_dtype, progress, calib) -> Report:
     progress = progress or Progress()
     start = time.perf_counter()
     runtime.resolve_provider(config.provider)  # an unknown or missing provider fails before any work
@@ -163,7 +171,7 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
         if weights is not None or input_dtype is not None:
             raise ConfigError("--weights and --input-dtype cannot be used with an ONNX file as MODEL")
-        return _run_onnx(Path(model), Path(out_dir), config, data, progress, start, input_shape)
+        return _run_onnx(Path(model), Path(out_dir), config, data, progress, start, input_shape, calib)
     loaded = _loaded(model, weights, input_shape, input_dtype)
     out_dir = Path(out_dir)
     io.ensure_writable(out_dir / "report.json")
@@ -177,24 +185,31 @@ def run(model: str | LoadedModel | nn.Module | None, out_dir: str | Path, config
     settings = {**dataclasses.asdict(config), "methods": config.method_list()}
     report = Report(model=loaded.name, input_shape=list(loaded.input_spec.shape), config=settings,
                     data=data.describe() if data else {"source": "random samples", "labels": False})
-    calib = _factorize_calibration(loaded, data, config, "input")
+    calib_path, calib = calib, _factorize_calibration(loaded, data, config, "input", calib)
     _note_calibration(report, calib, config)
     modules = _build(dense, loaded, config, samples, report, progress, calib)
     if config.finetune_epochs:
         _finetune(modules, dense, data, config, report, progress, loaded)
     _export(modules, loaded, out_dir, samples, report, progress)
     if config.int8:
-        _quantize(_calibration(loaded, data, config), out_dir, config, report, progress)
+        _quantize(_as_array(calib) if calib_path is not None else _calibration(loaded, data, config), out_dir, config,
+                  report, progress)
     _bench(report, config, progress)
     _evaluate(report, *_eval_inputs(loaded, data, config), config, progress)
     return _finish(report, out_dir, start, progress)
 
 
-def _factorize_calibration(loaded: LoadedModel | None, data: RunData | None, config: RunConfig, name: str):
-    """The samples the factors are fitted to: the data's train part (``calib_samples``, and an eighth more
-    held out for the per-layer errors), else the zoo entry's own data; None without either."""
-    from edgecompress.capture.samples import calibration_set, torch_calibration
+def _factorize_calibration(loaded: LoadedModel | None, data: RunData | None, config: RunConfig, name: str,
+                           path: str | Path | None = None, proto=None):
+    """The samples the factors are fitted to: ``path`` (``--calib``, checked against the model's input: the
+    PyTorch ``loaded``, else the ONNX ``proto``), else the data's train part (``calib_samples``, and an eighth
+    more held out for the per-layer errors), else the zoo entry's own data; None without any."""
+    from edgecompress.capture.samples import calibration_set, onnx_calibration, torch_calibration
 
+    if path is not None:
+        if loaded is not None:
+            return torch_calibration(loaded, path, config.calib_samples)
+        return onnx_calibration(proto, path, config.calib_samples)
     if data is not None:
         x, _ = data.train()
         return calibration_set({name: x[: config.calib_samples + config.calib_samples // 7].numpy()},
@@ -222,7 +237,7 @@ def _finish(report: Report, out_dir: Path, start: float, progress: Progress) -> 
 
 
 def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Progress, start: float,
-              input_shape: str | None = None) -> Report:
+              input_shape: str | None = None, calib: str | Path | None = None) -> Report:
     """``run`` on an ONNX file: the variants come from ``edgecompress.graph`` (svd, svd-spatial,
     tucker, cp, tt); int8, bench, evaluation and the report are the same. ``input_shape`` fixes dynamic dims
     (``--input-shape``). No fine-tuning: it needs PyTorch."""
@@ -245,7 +260,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
                     data=data.describe() if data else {"source": "random samples", "labels": False})
     if config.finetune_epochs:
         report.notes.append("fine-tuning skipped: it trains the PyTorch model, and MODEL is an ONNX file")
-    calib = _factorize_calibration(None, data, config, _onnx_input_name(proto))
+    calib_path, calib = calib, _factorize_calibration(None, data, config, _onnx_input_name(proto), calib, proto)
     _note_calibration(report, calib, config)
     dense_params = exporters.param_count(proto)
     jobs = config.jobs()
@@ -278,6 +293,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
         variant.compression = round(dense_params / variant.params, 4)
         variant.seconds["factorize"] = round(time.perf_counter() - t0, 3)
         _write_variant(variant, new, out_dir)
+    quant = _as_array(calib) if calib_path is not None else None
     if data is not None:
         calib, (x, labels) = data.train()[0], data.eval(config.eval_samples)
     else:  # seeded random inputs: the first calib_samples + 8 calibrate, the last 64 evaluate
@@ -285,7 +301,8 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
         calib = torch.from_numpy(np.concatenate([next(iter(s.values())) for s in samples]))
         x, labels = calib[-64:], None
     if config.int8:
-        _quantize(calib[: config.calib_samples + 8].numpy(), out_dir, config, report, progress)
+        _quantize(quant if quant is not None else calib[: config.calib_samples + 8].numpy(), out_dir, config, report,
+                  progress)
     _bench(report, config, progress, input_shape)
     _evaluate(report, x, labels, config, progress)
     return _finish(report, out_dir, start, progress)
@@ -517,6 +534,11 @@ def _quantize(calib: np.ndarray, out_dir: Path, config: RunConfig, report: Repor
         variant.quantize = result
         variant.seconds["quantize"] = round(time.perf_counter() - t0, 3)
         report.notes.extend(f"{variant.name}: {warning}" for warning in result["warnings"])
+
+
+def _as_array(calib) -> np.ndarray:
+    """A one-input CalibrationSet's samples, fitted and held out, as one array (what ``_quantize`` takes)."""
+    return np.concatenate([next(iter(batch.values())) for batch in calib.fit + calib.held])
 
 
 def _calibration(loaded: LoadedModel, data: RunData | None, config: RunConfig) -> np.ndarray:

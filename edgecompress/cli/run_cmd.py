@@ -45,6 +45,9 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also quantize every variant to int8 (the provider's default: on CPU static QDQ for conv nets, dynamic for Linear-only models).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help=".npz with the inputs (and optional labels, train_inputs, train_labels). Default for the bundled model: its held-out set.")
+@click.option("--calib", "calib_path", type=click.Path(), default=None, metavar="FILE.npz|DIR",
+              help="Calibration samples (no labels) the factors are fitted to and int8 is calibrated on, read as "
+                   "export --calib reads them. Default: --data's train part, else the bundled model's own data.")
 @click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider for bench and evaluation.")
 @click.option("--threads", default="1,2", show_default=True, help="Thread counts to time, comma-separated, e.g. 1,2.")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
@@ -85,7 +88,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--keep-faster", is_flag=True,
               help="Time each factorized layer against its dense layer (profiled on --provider, first --threads; "
                    "as int8 when --int8) and keep it dense where the chain is not faster.")
-def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, provider, threads,
+def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, int8, data, calib_path, provider, threads,
             finetune_epochs, finetune_minutes, distill_loss, bench_runs, profile, min_params, head_share, data_free,
             keep_faster, targets, no_plan, max_error, max_drop, user_eval):
     """Dense vs factorized vs int8 variants of MODEL, side by side: size, speed, accuracy.
@@ -109,7 +112,8 @@ def command(model, out_dir, weights, input_shape, input_dtype, methods, ratios, 
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=err_console, transient=False) as bars:
-        report = pipeline.run(model, out_dir, config, data, weights, input_shape, input_dtype, _RichProgress(bars))
+        report = pipeline.run(model, out_dir, config, data, weights, input_shape, input_dtype, _RichProgress(bars),
+                              calib_path)
     _print(report, out_dir)
     if report.variant("dense").status != "ok":
         raise EdgeCompressError(f"the dense model itself failed: {report.variant('dense').error}")

@@ -67,7 +67,31 @@ def test_bad_data_file_is_refused_before_any_work(cli, tmp_path):
     assert result.exit_code == 2 and "inputs have shape [4, 3, 8, 8], the model takes [N, 1, 32, 32]" in result.output
     result = cli("run", "-o", tmp_path / "o", "--data", tmp_path / "missing.npz")
     assert result.exit_code == 1 and "does not exist" in result.output
-    assert not (tmp_path / "o" / "report.json").exists()
+    assert not (tmp_path / "o").exists()  # not even the empty folder
+
+
+def test_calib_is_what_the_factors_are_fitted_to_and_int8_calibrated_on(cli, tmp_path):
+    x, _ = digits.load_digits("train")
+    np.savez(tmp_path / "calib.npz", any_key=x[:40].numpy())  # one input: the single array, whatever its key
+    out = tmp_path / "o"
+    result = cli("run", "-o", out, "--calib", tmp_path / "calib.npz", "--methods", "svd", "--ratio", "4",
+                 "--no-plan", "--bench-runs", "2", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    assert f"factors fitted to 35 calibration samples from {tmp_path / 'calib.npz'}" in " ".join(data["notes"])
+    rows = {v["name"]: v for v in data["variants"]}
+    fitted = [layer for layer in rows["svd-x4"]["layers"] if layer["method"] != "dense"]
+    assert fitted and all(layer["output_error"] is not None for layer in fitted)
+    assert rows["svd-x4"]["accuracy"] >= 0.985 and rows["svd-x4-int8"]["accuracy"] >= 0.98
+
+
+def test_calib_that_does_not_fit_the_model_is_refused_before_any_work(cli, tmp_path):
+    np.savez(tmp_path / "wrong.npz", input=np.zeros((8, 3, 8, 8), np.float32))
+    for calib, code, message in ((tmp_path / "wrong.npz", 2, "expected N samples of"),
+                                 (tmp_path / "missing.npz", 1, "does not exist")):
+        result = cli("run", "-o", tmp_path / "o", "--calib", calib)
+        assert result.exit_code == code and message in result.output, result.output
+        assert not (tmp_path / "o").exists()
 
 
 def test_unknown_model_suggests_names(cli, tmp_path):
