@@ -141,6 +141,10 @@ def _print(report, out_dir: str) -> None:
     for variant in report.variants:
         if variant.status != "ok":
             console.print(f"[red]{variant.name} failed[/red]: {variant.error}", markup=True)
+    names = {v.name for v in report.variants}
+    for note in report.notes:  # the run's own notes (calibration, data); each variant's are in the report
+        if note.partition(":")[0] not in names:
+            console.print(f"note: {note}", highlight=False, soft_wrap=True, style="dim")
     from edgecompress.report import recommended
 
     pick = recommended(report)

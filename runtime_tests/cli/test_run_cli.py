@@ -79,6 +79,7 @@ def test_calib_is_what_the_factors_are_fitted_to_and_int8_calibrated_on(cli, tmp
     assert result.exit_code == 0, result.output
     data = json.loads((out / "report.json").read_text())
     assert f"factors fitted to 35 calibration samples from {tmp_path / 'calib.npz'}" in " ".join(data["notes"])
+    assert "note: factors fitted to 35 calibration samples" in result.output  # the run's notes printed too
     rows = {v["name"]: v for v in data["variants"]}
     fitted = [layer for layer in rows["svd-x4"]["layers"] if layer["method"] != "dense"]
     assert fitted and all(layer["output_error"] is not None for layer in fitted)
