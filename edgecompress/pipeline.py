@@ -185,15 +185,15 @@ def _run(model, out_dir, config, data, weights, input_shape, input_dtype, progre
     settings = {**dataclasses.asdict(config), "methods": config.method_list()}
     report = Report(model=loaded.name, input_shape=list(loaded.input_spec.shape), config=settings,
                     data=data.describe() if data else {"source": "random samples", "labels": False})
-    calib_path, calib = calib, _factorize_calibration(loaded, data, config, "input", calib)
-    _note_calibration(report, calib, config)
+    calib_set = _factorize_calibration(loaded, data, config, "input", calib)
+    _note_calibration(report, calib_set, config)
     _note_random_evaluation(report, data)
-    modules = _build(dense, loaded, config, samples, report, progress, calib)
+    modules = _build(dense, loaded, config, samples, report, progress, calib_set)
     if config.finetune_epochs:
         _finetune(modules, dense, data, config, report, progress, loaded)
     _export(modules, loaded, out_dir, samples, report, progress)
     if config.int8:
-        _quantize(_as_array(calib) if calib_path is not None else _calibration(loaded, data, config), out_dir, config,
+        _quantize(_as_array(calib_set) if calib is not None else _calibration(loaded, data, config), out_dir, config,
                   report, progress)
     _bench(report, config, progress)
     _evaluate(report, *_eval_inputs(loaded, data, config), config, progress)
@@ -219,6 +219,7 @@ def _factorize_calibration(loaded: LoadedModel | None, data: RunData | None, con
 
 
 def _note_random_evaluation(report: Report, data: RunData | None) -> None:
+    """Without data, the report says what its agreement figures are worth."""
     if data is None:
         report.notes.append("no --data: agreement and SQNR are measured on seeded random inputs, which a model "
                             "trained on real data may treat unlike its data (Magika: 1.6% agreement on random bytes "
@@ -268,8 +269,8 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
                     data=data.describe() if data else {"source": "random samples", "labels": False})
     if config.finetune_epochs:
         report.notes.append("fine-tuning skipped: it trains the PyTorch model, and MODEL is an ONNX file")
-    calib_path, calib = calib, _factorize_calibration(None, data, config, _onnx_input_name(proto), calib, proto)
-    _note_calibration(report, calib, config)
+    calib_set = _factorize_calibration(None, data, config, _onnx_input_name(proto), calib, proto)
+    _note_calibration(report, calib_set, config)
     _note_random_evaluation(report, data)
     dense_params = exporters.param_count(proto)
     jobs = config.jobs()
@@ -288,7 +289,7 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
             continue
         t0 = time.perf_counter()
         try:
-            new, frep = factorize_onnx(proto, _fconfig(config, method, ratio, targets), calib=calib,
+            new, frep = factorize_onnx(proto, _fconfig(config, method, ratio, targets), calib=calib_set,
                                        latency_config=config.latency_config() if config.keep_faster else None,
                                        input_shapes=input_shape, judge=judge if targets else None)
             new, _ = exporters.simplify(new)
@@ -302,16 +303,15 @@ def _run_onnx(path: Path, out_dir: Path, config: RunConfig, data, progress: Prog
         variant.compression = round(dense_params / variant.params, 4)
         variant.seconds["factorize"] = round(time.perf_counter() - t0, 3)
         _write_variant(variant, new, out_dir)
-    quant = _as_array(calib) if calib_path is not None else None
     if data is not None:
-        calib, (x, labels) = data.train()[0], data.eval(config.eval_samples)
+        train, (x, labels) = data.train()[0], data.eval(config.eval_samples)
     else:  # seeded random inputs: the first calib_samples + 8 calibrate, the last 64 evaluate
         samples = random_samples(shaped, config.calib_samples + 8 + 64, config.seed + 1)
-        calib = torch.from_numpy(np.concatenate([next(iter(s.values())) for s in samples]))
-        x, labels = calib[-64:], None
+        train = torch.from_numpy(np.concatenate([next(iter(s.values())) for s in samples]))
+        x, labels = train[-64:], None
     if config.int8:
-        _quantize(quant if quant is not None else calib[: config.calib_samples + 8].numpy(), out_dir, config, report,
-                  progress)
+        _quantize(_as_array(calib_set) if calib is not None else train[: config.calib_samples + 8].numpy(), out_dir,
+                  config, report, progress)
     _bench(report, config, progress, input_shape)
     _evaluate(report, x, labels, config, progress)
     return _finish(report, out_dir, start, progress)
