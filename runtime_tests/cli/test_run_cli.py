@@ -98,3 +98,20 @@ def test_calib_that_does_not_fit_the_model_is_refused_before_any_work(cli, tmp_p
 def test_unknown_model_suggests_names(cli, tmp_path):
     result = cli("run", "digits_cn", "-o", tmp_path / "o")
     assert result.exit_code == 2 and "did you mean 'digits_cnn'" in result.output
+
+
+def test_a_run_without_data_says_its_agreement_is_on_random_inputs(tmp_path):
+    import torch.nn as nn
+
+    from edgecompress.pipeline import RunConfig, run
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    config = RunConfig(methods=("svd",), ratios=(2.0,), int8=False, threads=(1,), bench_runs=1, bench_warmup=0,
+                       targets=(), min_params=1024)
+    report = run(model, tmp_path / "out", config, input_shape=(1, 64))
+    assert report.data["source"] == "random samples"
+    assert any(note.startswith("no --data: agreement and SQNR are measured on seeded random inputs")
+               for note in report.notes)
+    with_data = run("digits_cnn", tmp_path / "digits", RunConfig(methods=("svd",), ratios=(4.0,), int8=False,
+                                                                 threads=(1,), bench_runs=1, bench_warmup=0, targets=()))
+    assert not any(note.startswith("no --data") for note in with_data.notes)  # the zoo entry's own data
